@@ -6,38 +6,33 @@ training arrays or :func:`poison_update` on the PEFT LoRA state dict it is about
 
 ``strength`` has one meaning per attack; ``None`` (or NaN) selects the default below.
 
-==============  ===========================================  ==================================  =========
-attack          what the contaminated client does            what the attacker is assumed to     inside the
-                (``strength``: meaning, default)              know                                benign
-                                                                                                  subspace?
-==============  ===========================================  ==================================  =========
-reversed        trains on ``y = y_clean[:, ::-1]``            its own data only                   no
-                (unused)
-permutation     trains on ``y = perm[y_clean]``, one fixed    its own data; the colluding group   no
-                derangement of the content vocabulary         shares ``cfg.seed``
-                seeded by ``cfg.seed`` (unused)
-random          trains on uniform random content targets     its own data only                   no
-                (unused)
-backdoor        a fraction of samples get ``x[:, 0] =         its own data; trigger and target    no
-                TRIGGER`` and the fixed target sequence       are fixed by ``cfg.seed``
-                (fraction of poisoned samples, 0.5)
-sign-flip       uploads ``-k * dW`` (``B -> -k B``) (k, 1)    its own honest update               yes
-scaling         uploads ``k * dW`` (``B -> k B``) (k, 10)     its own honest update               yes
-gaussian        adds ``N(0, sigma^2 ms(X))`` to every         its own honest update               no
-                uploaded array X, ms = mean square
-                (sigma, 1)
-alie            every coordinate ``mean - z * std`` of the    mean and std of the benign          yes (approx.)
-                benign reference (z; Baruch et al.'s          updates (omniscient/colluding)
-                ``z_max(n, m)`` when n, m are given, else 1)
-ipm             ``B = -eps * mean(B_ref)``,                   mean of the benign updates          yes
-                ``A = mean(A_ref)`` (eps, 0.5)                (omniscient/colluding)
-colluders       every colluder uploads the *same* adapter:    the group's seed and the round;     no (a shared
-                a random direction seeded by (seed, round),   the rough size of honest updates    random
-                scaled to a norm all colluders agree on                                           direction)
-                (norm multiplier, 1)
-free-rider      0: uploads ``dW = 0`` (``B = 0``); 1: re-     nothing                             yes (0 is in
-                uploads the received adapter (stale) (0)                                          every span)
-==============  ===========================================  ==================================  =========
+===========  ==========================================  =====================  ==========
+attack       what the client does (strength: default)    attacker knows         in benign
+                                                                                subspace?
+===========  ==========================================  =====================  ==========
+reversed     trains on ``y = y_clean[:, ::-1]``          own data               no
+permutation  trains on ``y = perm[y_clean]``, one fixed   own data; the group's  no
+             derangement of the content tokens           ``seed``
+random       trains on uniform random content targets    own data               no
+backdoor     a fraction of samples get ``x[:, 0] =       own data; the group's  no
+             TRIGGER`` and the fixed target (fraction:   ``seed``
+             0.5)
+sign-flip    uploads ``-k dW``, ``B -> -k B`` (k: 1)     own honest update      yes
+scaling      uploads ``k dW``, ``B -> k B`` (k: 10)      own honest update      yes
+gaussian     every LoRA array ``X + N(0, sigma^2         own honest update      no
+             mean(X^2))`` (sigma: 1)
+alie         every coordinate ``mean - z std`` of the    benign mean and std    yes
+             benign reference (z: ``alie_z(n, m)`` if    (omniscient or         (approx.)
+             n, m are given, else 1)                     colluding)
+ipm          ``B = -eps mean(B_ref)``, ``A =             benign mean            yes
+             mean(A_ref)`` (eps: 0.5)                    (omniscient or
+                                                         colluding)
+colluders    all upload one adapter: a direction         group's seed, the      no (shared
+             seeded by (seed, round) only, at a norm     round, rough size of   random
+             all agree on (norm multiplier: 1)           honest updates         direction)
+free-rider   0: ``dW = 0`` (``B = 0``); 1: re-uploads    nothing                yes (0 is
+             the received adapter, stale (0)                                    in any span)
+===========  ==========================================  =====================  ==========
 
 "Inside the benign subspace" means the column space of the uploaded ``dW`` lies in the span of
 benign updates, so CLAIR's off-subspace test (DESIGN.md section 3, *Known blind spot*) cannot see
