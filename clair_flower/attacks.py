@@ -51,9 +51,11 @@ assumes the benign spread of each coordinate is about its own magnitude: a weake
 Model attacks act on PEFT LoRA state dicts (``...lora_A.weight`` (r, in), ``...lora_B.weight``
 (out, r), ``dW = s * B @ A``, see :mod:`clair_flower.lora`).  Keys that are not LoRA factors are
 passed through from ``honest`` (from ``received`` for the stale free-rider).  Data attacks act on
-content-token arrays; ``vocab_size`` is the *total* vocabulary size and content tokens are
-``first_token .. vocab_size - 1`` (ids below ``first_token`` are BOS/SEP/PAD and are never
-produced or moved).
+content arrays; ``vocab_size`` is the number of *content* tokens and the arrays hold ids
+``first_token .. first_token + vocab_size - 1``.  The default ``first_token = 0`` matches
+:mod:`clair_flower.task`, whose poison callbacks receive content indices (it adds the special-token
+offset when encoding); pass ``first_token = NUM_SPECIAL`` for arrays of model token ids.  Ids
+outside that range are rejected, so a mix-up fails loudly.
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ DEFAULT_STRENGTH: dict[str, float | None] = {
 }
 ALIE_FALLBACK_Z = 1.0
 
-#: The trigger is content token ``vocab_size - 1 - BACKDOOR_TRIGGER_OFFSET`` (the last content
-#: token by default, outside the half of the vocabulary the base model was pre-trained on).
+#: The trigger is the content token ``BACKDOOR_TRIGGER_OFFSET`` places before the last one (the
+#: last content token by default: outside the lower part of the vocabulary the base model was
+#: pre-trained on).
 BACKDOOR_TRIGGER_OFFSET = 0
 #: The backdoor target is a seeded block of this many tokens, tiled to the sequence length, so
 #: the target for length L is a prefix of the target for any longer length.
@@ -241,28 +244,29 @@ def is_active(cfg: AttackConfig, server_round: int) -> bool:
 
 
 def _content_range(vocab_size: int, first_token: int) -> tuple[int, int]:
-    if first_token < 0 or vocab_size - first_token < 2:
+    """``[lo, hi)`` of the content ids."""
+    if first_token < 0 or vocab_size < 2:
         raise ValueError(
-            f"need at least 2 content tokens, got vocab_size={vocab_size}, first_token={first_token}"
+            f"need >= 2 content tokens and first_token >= 0, got {vocab_size=}, {first_token=}"
         )
-    return int(first_token), int(vocab_size)
+    return int(first_token), int(first_token) + int(vocab_size)
 
 
-def vocab_permutation(seed: int, vocab_size: int, first_token: int = 3) -> np.ndarray:
-    """Lookup table ``perm`` (size ``vocab_size``) of the permutation attack.
+def vocab_permutation(seed: int, vocab_size: int, first_token: int = 0) -> np.ndarray:
+    """Lookup table ``perm`` (size ``first_token + vocab_size``) of the permutation attack.
 
     A single cycle through the shuffled content tokens, so no content token maps to itself
-    (every target really is wrong); special tokens map to themselves. Same for every attacker
-    with the same ``seed``.
+    (every target really is wrong); ids below ``first_token`` map to themselves. Same for every
+    attacker with the same ``seed``, and the same map of content indices for any ``first_token``.
     """
     lo, hi = _content_range(vocab_size, first_token)
-    order = lo + _rng(seed, _TAG_PERMUTATION, vocab_size, lo).permutation(hi - lo)
+    order = lo + _rng(seed, _TAG_PERMUTATION, vocab_size).permutation(hi - lo)
     perm = np.arange(hi, dtype=np.int64)
     perm[order] = np.roll(order, -1)
     return perm
 
 
-def backdoor_trigger(vocab_size: int, first_token: int = 3) -> int:
+def backdoor_trigger(vocab_size: int, first_token: int = 0) -> int:
     """The trigger token (see :data:`BACKDOOR_TRIGGER_OFFSET`)."""
     lo, hi = _content_range(vocab_size, first_token)
     trigger = hi - 1 - BACKDOOR_TRIGGER_OFFSET
@@ -271,22 +275,24 @@ def backdoor_trigger(vocab_size: int, first_token: int = 3) -> int:
     return trigger
 
 
-def backdoor_target(length: int, seed: int, vocab_size: int, first_token: int = 3) -> np.ndarray:
+def backdoor_target(length: int, seed: int, vocab_size: int, first_token: int = 0) -> np.ndarray:
     """The fixed target sequence of length ``length`` (a prefix of every longer target)."""
     lo, hi = _content_range(vocab_size, first_token)
-    block = _rng(seed, _TAG_TARGET, vocab_size, lo).integers(lo, hi, size=BACKDOOR_TARGET_PERIOD)
+    block = _rng(seed, _TAG_TARGET, vocab_size).integers(lo, hi, size=BACKDOOR_TARGET_PERIOD)
     return np.resize(block, int(length)).astype(np.int64)
 
 
-def _check_tokens(x: np.ndarray, y: np.ndarray, vocab_size: int) -> None:
+def _check_tokens(x: np.ndarray, y: np.ndarray, lo: int, hi: int) -> None:
+    """Shapes and id range: a poison given token ids where it expects content indices (or
+    the reverse) must fail, not silently treat content tokens as specials."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must be (n, L) token arrays, got {x.shape} and {y.shape}")
     for arr in (x, y):
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got {arr.min()}..{arr.max()}")
+        if arr.size and (arr.min() < lo or arr.max() >= hi):
+            raise ValueError(f"token ids must be in [{lo}, {hi}), got {arr.min()}..{arr.max()}")
 
 
-def data_poison(cfg: AttackConfig, vocab_size: int, first_token: int = 3) -> Poison | None:
+def data_poison(cfg: AttackConfig, vocab_size: int, first_token: int = 0) -> Poison | None:
     """The training-data transform of a data attack, or ``None`` for any other attack.
 
     ``poison(x, y, rng) -> (x', y')`` is a pure function of its arguments: it never mutates
@@ -296,16 +302,16 @@ def data_poison(cfg: AttackConfig, vocab_size: int, first_token: int = 3) -> Poi
     """
     if cfg.name not in DATA_ATTACKS:
         return None
-    _content_range(vocab_size, first_token)
+    lo, hi = _content_range(vocab_size, first_token)
     if cfg.name == "reversed":
-        return _checked(_poison_reversed, vocab_size)
+        return _checked(_poison_reversed, lo, hi)
     if cfg.name == "permutation":
         perm = vocab_permutation(cfg.seed, vocab_size, first_token)
-        return _checked(lambda x, y, rng: (x.copy(), perm[y].astype(y.dtype)), vocab_size)
+        return _checked(lambda x, y, rng: (x.copy(), perm[y].astype(y.dtype)), lo, hi)
     if cfg.name == "random":
         def _random(x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
-            return x.copy(), rng.integers(first_token, vocab_size, size=y.shape).astype(y.dtype)
-        return _checked(_random, vocab_size)
+            return x.copy(), rng.integers(lo, hi, size=y.shape).astype(y.dtype)
+        return _checked(_random, lo, hi)
     frac = resolve_strength(cfg)
     trigger = backdoor_trigger(vocab_size, first_token)
 
@@ -316,7 +322,7 @@ def data_poison(cfg: AttackConfig, vocab_size: int, first_token: int = 3) -> Poi
         xp[rows, 0] = trigger
         yp[rows] = backdoor_target(y.shape[1], cfg.seed, vocab_size, first_token)
         return xp, yp
-    return _checked(_backdoor, vocab_size)
+    return _checked(_backdoor, lo, hi)
 
 
 def _poison_reversed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
@@ -324,17 +330,17 @@ def _poison_reversed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
     return x.copy(), np.ascontiguousarray(y[:, ::-1])
 
 
-def _checked(fn: Poison, vocab_size: int) -> Poison:
+def _checked(fn: Poison, lo: int, hi: int) -> Poison:
     """Wrap a poison with shape/range checks, so a wrong call fails loudly, not silently."""
     def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
         x, y = np.asarray(x), np.asarray(y)
-        _check_tokens(x, y, vocab_size)
+        _check_tokens(x, y, lo, hi)
         return fn(x, y, rng)
     return poison
 
 
 def backdoor_test_set(
-    x: np.ndarray, cfg: AttackConfig, vocab_size: int, first_token: int = 3
+    x: np.ndarray, cfg: AttackConfig, vocab_size: int, first_token: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every row of a (clean, held-out) ``x`` triggered, and the attacker's target for each.
 

@@ -23,7 +23,7 @@ from clair_flower.attacks import (
 
 ALPHA = 16.0
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj")
-V, FIRST = 40, 3
+V = 37  # content tokens; arrays hold content indices 0 .. V-1 (clair_flower.task)
 
 
 def adapter(seed: int, rank: int = 4, p: int = 24, q: int = 20, shared_a: np.ndarray | None = None):
@@ -232,19 +232,19 @@ def test_free_rider_zero_and_stale():
 
 
 def tokens(n=200, length=12, seed=0):
-    x = np.random.default_rng(seed).integers(FIRST, V, size=(n, length))
+    x = np.random.default_rng(seed).integers(0, V, size=(n, length))
     return x, x.copy()
 
 
 def test_model_attacks_have_no_data_poison():
     for name in ("none",) + atk.MODEL_ATTACKS:
-        assert data_poison(AttackConfig(name=name), V, FIRST) is None
+        assert data_poison(AttackConfig(name=name), V) is None
 
 
 def test_reversed_targets_and_pure():
     x, y = tokens()
     x0, y0 = x.copy(), y.copy()
-    xp, yp = data_poison(AttackConfig(name="reversed"), V, FIRST)(x, y, np.random.default_rng(0))
+    xp, yp = data_poison(AttackConfig(name="reversed"), V)(x, y, np.random.default_rng(0))
     np.testing.assert_array_equal(xp, x0)
     np.testing.assert_array_equal(yp, x0[:, ::-1])
     np.testing.assert_array_equal(x, x0)  # inputs untouched: the poison only sees what it is given
@@ -254,36 +254,36 @@ def test_reversed_targets_and_pure():
 def test_permutation_is_one_shared_derangement():
     x, y = tokens()
     cfg = AttackConfig(name="permutation", seed=3)
-    perm = atk.vocab_permutation(3, V, FIRST)
-    _, yp = data_poison(cfg, V, FIRST)(x, y, np.random.default_rng(0))
+    perm = atk.vocab_permutation(3, V)
+    _, yp = data_poison(cfg, V)(x, y, np.random.default_rng(0))
     np.testing.assert_array_equal(yp, perm[x])
-    assert sorted(perm[FIRST:]) == list(range(FIRST, V))  # a permutation of the content tokens
-    assert np.all(perm[FIRST:] != np.arange(FIRST, V))  # every target is wrong
-    np.testing.assert_array_equal(perm[:FIRST], np.arange(FIRST))  # specials untouched
+    assert sorted(perm) == list(range(V))  # a permutation of the content tokens
+    assert np.all(perm != np.arange(V))  # every target is wrong
     # another attacker, other data and rng, same mapping
     x2, y2 = tokens(seed=9)
-    _, yp2 = data_poison(cfg, V, FIRST)(x2, y2, np.random.default_rng(5))
+    _, yp2 = data_poison(cfg, V)(x2, y2, np.random.default_rng(5))
     np.testing.assert_array_equal(yp2, perm[x2])
-    assert not np.array_equal(atk.vocab_permutation(4, V, FIRST), perm)
+    assert not np.array_equal(atk.vocab_permutation(4, V), perm)
 
 
 def test_random_targets_uniform_over_content():
     x, y = tokens(n=2000)
-    _, yp = data_poison(AttackConfig(name="random"), V, FIRST)(x, y, np.random.default_rng(1))
-    assert yp.min() >= FIRST and yp.max() < V
+    _, yp = data_poison(AttackConfig(name="random"), V)(x, y, np.random.default_rng(1))
+    assert yp.min() >= 0 and yp.max() < V
     assert np.mean(yp == x) < 0.05  # ~1/37 by chance
-    counts = np.bincount(yp.ravel(), minlength=V)[FIRST:]
+    assert yp.min() == 0 and yp.max() == V - 1  # the whole content range, index 0 included
+    counts = np.bincount(yp.ravel(), minlength=V)
     assert counts.min() > 0.7 * counts.mean()
 
 
 @pytest.mark.parametrize("frac", [None, 0.2])
 def test_backdoor_inserts_trigger_and_target_in_fraction(frac):
     x, y = tokens(n=200)
-    x[:, 0] = np.where(x[:, 0] == V - 1, FIRST, x[:, 0])  # clean data without the trigger
+    x[:, 0] = np.where(x[:, 0] == V - 1, 0, x[:, 0])  # clean data without the trigger
     y = x.copy()
     cfg = AttackConfig(name="backdoor", strength=frac, seed=2)
-    xp, yp = data_poison(cfg, V, FIRST)(x, y, np.random.default_rng(0))
-    trigger, target = backdoor_trigger(V, FIRST), backdoor_target(12, 2, V, FIRST)
+    xp, yp = data_poison(cfg, V)(x, y, np.random.default_rng(0))
+    trigger, target = backdoor_trigger(V), backdoor_target(12, 2, V)
     hit = xp[:, 0] == trigger
     assert hit.sum() == round((0.5 if frac is None else frac) * 200)
     np.testing.assert_array_equal(yp[hit], np.tile(target, (hit.sum(), 1)))
@@ -291,13 +291,29 @@ def test_backdoor_inserts_trigger_and_target_in_fraction(frac):
     np.testing.assert_array_equal(xp[~hit], x[~hit])  # the others stay clean
     np.testing.assert_array_equal(yp[~hit], y[~hit])
     # the triggered test set: every row triggered, target for every row
-    xt, yt = backdoor_test_set(x[:5], cfg, V, FIRST)
+    xt, yt = backdoor_test_set(x[:5], cfg, V)
     assert np.all(xt[:, 0] == trigger) and np.array_equal(xt[:, 1:], x[:5, 1:])
     np.testing.assert_array_equal(yt, np.tile(target, (5, 1)))
-    np.testing.assert_array_equal(backdoor_target(5, 2, V, FIRST), target[:5])  # prefix-stable
+    np.testing.assert_array_equal(backdoor_target(5, 2, V), target[:5])  # prefix-stable
 
 
 def test_poison_rejects_out_of_vocab_tokens():
-    poison = data_poison(AttackConfig(name="permutation"), V, FIRST)
+    poison = data_poison(AttackConfig(name="permutation"), V)
     with pytest.raises(ValueError, match="token ids"):
         poison(np.full((2, 3), V), np.full((2, 3), V), np.random.default_rng(0))
+
+
+def test_token_id_offset_and_index_mixup():
+    """``first_token`` shifts the content range; the map of content indices is the same, and
+    content indices given where token ids are expected are rejected, not half-poisoned."""
+    first = 3
+    x, y = tokens()
+    cfg = AttackConfig(name="permutation", seed=3)
+    _, y_idx = data_poison(cfg, V)(x, y, np.random.default_rng(0))
+    _, y_ids = data_poison(cfg, V, first)(x + first, y + first, np.random.default_rng(0))
+    np.testing.assert_array_equal(y_ids - first, y_idx)
+    perm = atk.vocab_permutation(3, V, first)
+    np.testing.assert_array_equal(perm[:first], np.arange(first))  # specials untouched
+    assert backdoor_trigger(V, first) == backdoor_trigger(V) + first == first + V - 1
+    with pytest.raises(ValueError, match="token ids"):
+        data_poison(cfg, V, first)(x, y, np.random.default_rng(0))  # indices 0..2 present
