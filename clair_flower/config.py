@@ -1,0 +1,225 @@
+"""The run configuration: one typed, validated object built once from Flower's run config.
+
+``[tool.flwr.app.config]`` in ``pyproject.toml`` holds the defaults with kebab-case keys
+(``lora-rank``); ``flwr run . --run-config "lora-rank=8"`` overrides them. Both the
+ServerApp and the ClientApp call :meth:`RunConfig.from_mapping`, so a wrong value fails
+fast with a message that names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clair_flower.attacks import AttackConfig
+    from clair_flower.model import LoraSpec, ModelConfig
+    from clair_flower.task import TaskConfig
+    from clair_flower.training import TrainConfig
+
+STRATEGIES = ("fedavg", "local", "oracle", "clair", "clair-plus", "krum", "multikrum",
+              "fedmedian", "fedtrimmedavg", "bulyan", "ffa-lora", "rolora", "clair-rolora")
+MODEL_ARCHS = ("gpt2", "llama")
+CLAIR_SOLVERS = ("fast", "reference")
+CLAIR_POLICIES = ("consensus", "local", "zero")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Field ``lora_rank`` is run-config key ``lora-rank``."""
+
+    # federation
+    num_server_rounds: int = 5
+    strategy: str = "fedavg"
+    seed: int = 0
+    output_dir: str = ""
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    round_timeout: float = 600.0
+    max_norm_ratio: float = 1000.0
+    resume: bool = False
+    # task
+    vocab_size: int = 32
+    min_len: int = 4
+    max_len: int = 8
+    num_train: int = 32
+    num_test: int = 64
+    dirichlet_alpha: float = 0.5
+    # model
+    model_arch: str = "gpt2"
+    model_layers: int = 2
+    model_width: int = 64
+    model_heads: int = 4
+    # LoRA
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_target_modules: str = ""
+    use_rslora: bool = False
+    # local training
+    local_steps: int = 20
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    # contamination
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_start_round: int = 1
+    attack_strength: float = 0.0
+    attack_seed: int = 0
+    # CLAIR
+    clair_rank: int = 0
+    clair_solver: str = "fast"
+    clair_lambda: str = "auto"
+    clair_policy: str = "consensus"
+    # robust baselines: attackers assumed by Krum/Bulyan/trimmed mean (-1: from attack-fraction)
+    num_malicious: int = -1
+
+    def __post_init__(self) -> None:
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("model-arch", self.model_arch, MODEL_ARCHS)
+        _one_of("clair-solver", self.clair_solver, CLAIR_SOLVERS)
+        _one_of("clair-policy", self.clair_policy, CLAIR_POLICIES)
+        for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
+                    "model-layers", "model-width", "model-heads", "lora-rank", "local-steps",
+                    "batch-size", "attack-start-round", "min-nodes"):
+            _at_least(key, getattr(self, _field(key)), 1)
+        _at_least("clair-rank", self.clair_rank, 0)
+        if self.max_len < self.min_len:
+            raise ConfigError(f"max-len ({self.max_len}) must be >= min-len ({self.min_len})")
+        if self.model_width % self.model_heads:
+            raise ConfigError(f"model-width ({self.model_width}) must be divisible by model-heads ({self.model_heads})")
+        for key in ("fraction-train", "fraction-evaluate"):
+            v = getattr(self, _field(key))
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"{key} must be in (0, 1], got {v}")
+        if not 0.0 <= self.attack_fraction < 0.5:
+            raise ConfigError(f"attack-fraction must be in [0, 0.5) (a contaminated minority), got {self.attack_fraction}")
+        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "max-norm-ratio"):
+            if not getattr(self, _field(key)) > 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, _field(key))}")
+        if self.clair_lambda != "auto":
+            try:
+                lam = float(self.clair_lambda)
+            except ValueError:
+                raise ConfigError(f"clair-lambda must be 'auto' or a positive number, got {self.clair_lambda!r}") from None
+            if lam <= 0:
+                raise ConfigError(f"clair-lambda must be positive, got {lam}")
+        if self.output_dir and not os.path.isabs(os.path.expanduser(self.output_dir)):
+            raise ConfigError(
+                f"output-dir must be an absolute path (the SuperLink's working directory is not "
+                f"yours), got {self.output_dir!r}")
+
+    @classmethod
+    def from_mapping(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Build from Flower's ``context.run_config``: unknown keys and wrong types are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for key, value in run_config.items():
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"unknown run-config key '{key}'{hint}")
+            values[known[key].name] = _coerce(key, value, known[key].type)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_mapping(self) -> dict[str, object]:
+        """Kebab-case dict, the inverse of :meth:`from_mapping` (for summaries)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: object) -> RunConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def target_modules(self) -> tuple[str, ...] | None:
+        """Comma-separated ``lora-target-modules``; empty means the architecture's default."""
+        mods = tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
+        return mods or None
+
+
+def _field(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _coerce(key: str, value: object, typ: object) -> object:
+    """Accept what TOML and ``--run-config`` produce; refuse lossy conversions."""
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if name == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if name == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+# -- the core's own config objects, built from one validated RunConfig ------------------------
+
+def task_config(cfg: RunConfig) -> TaskConfig:
+    from clair_flower.task import TaskConfig
+
+    return TaskConfig(vocab_size=cfg.vocab_size, min_len=cfg.min_len, max_len=cfg.max_len,
+                      num_train=cfg.num_train, num_test=cfg.num_test,
+                      dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+
+
+def model_config(cfg: RunConfig) -> ModelConfig:
+    from clair_flower.model import ModelConfig
+
+    return ModelConfig(arch=cfg.model_arch, n_layer=cfg.model_layers, n_embd=cfg.model_width,
+                       n_head=cfg.model_heads, max_positions=max(64, 2 * cfg.max_len + 2))
+
+
+def lora_spec(cfg: RunConfig) -> LoraSpec:
+    from clair_flower.model import LoraSpec
+
+    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                    target_modules=cfg.target_modules or (), use_rslora=cfg.use_rslora)
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    from clair_flower.training import TrainConfig
+
+    return TrainConfig(local_steps=cfg.local_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size)
+
+
+def attack_config(cfg: RunConfig) -> AttackConfig:
+    from clair_flower.attacks import AttackConfig, UnknownAttackError
+
+    kwargs: dict[str, object] = dict(name=cfg.attack, fraction=cfg.attack_fraction,
+                                     start_round=cfg.attack_start_round, seed=cfg.attack_seed)
+    if cfg.attack_strength > 0:
+        kwargs["strength"] = cfg.attack_strength
+    try:
+        return AttackConfig(**kwargs)  # type: ignore[arg-type]
+    except (UnknownAttackError, ValueError) as err:
+        raise ConfigError(f"attack: {err}") from None

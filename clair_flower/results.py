@@ -1,0 +1,161 @@
+"""Results files of a run: per-round JSON lines, a summary (JSON and Markdown), plots.
+
+Every file is written to an absolute directory and replaced atomically, so a crash or a
+concurrent reader never sees half a file and nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+ACCURACY_PNG = "benign_accuracy.png"
+DETECTION_PNG = "detection.png"
+
+
+def detection_rates(flagged: set[int], contaminated: set[int], population: set[int]) -> dict[str, float]:
+    """TPR, FPR, precision and recall of a flagged set against the ground truth.
+
+    Rates with an empty denominator are NaN (no contaminated client: TPR is undefined).
+    """
+    tp = len(flagged & contaminated)
+    fp = len(flagged - contaminated)
+    pos = len(contaminated & population)
+    neg = len(population - contaminated)
+    nan = float("nan")
+    tpr = tp / pos if pos else nan
+    return {"tpr": tpr, "fpr": fp / neg if neg else nan,
+            "precision": tp / (tp + fp) if tp + fp else nan, "recall": tpr}
+
+
+def _clean(value: object) -> object:
+    """JSON-safe: NaN becomes null, numpy scalars become python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Owns one output directory: appends round records, writes summary and plots."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir).expanduser()
+        if not self.out_dir.is_absolute():
+            raise ValueError(f"output directory must be absolute, got {out_dir}")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.out_dir / ROUNDS_FILE
+
+    def reset_rounds(self, keep_up_to: int = 0) -> None:
+        """Start the round log afresh, keeping rounds ``<= keep_up_to`` (used by resume)."""
+        kept = [r for r in self.read_rounds() if int(r["round"]) <= keep_up_to]
+        write_atomic(self.rounds_path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))
+
+    def append_round(self, record: Mapping[str, object]) -> None:
+        with open(self.rounds_path, "a") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_rounds(self) -> list[dict]:
+        if not self.rounds_path.exists():
+            return []
+        return [json.loads(line) for line in self.rounds_path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: Mapping[str, object]) -> None:
+        write_atomic(self.out_dir / SUMMARY_JSON, json.dumps(_clean(summary), indent=2) + "\n")
+        write_atomic(self.out_dir / SUMMARY_MD, summary_markdown(summary))
+
+    def write_plots(self, rounds: Sequence[Mapping[str, object]], title: str) -> list[Path]:
+        """Benign accuracy per round, and TPR/FPR per round when the strategy flags."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        paths = []
+        xs = [int(r["round"]) for r in rounds]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("benign-token-acc", "token accuracy"), ("benign-exact-acc", "exact-sequence accuracy")):
+            ax.plot(xs, [_num(r.get(key)) for r in rounds], marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean over benign clients")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(self.out_dir / ACCURACY_PNG)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+        if any(r.get("tpr") is not None for r in rounds):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(xs, [_num(r.get("tpr")) for r in rounds], marker="o", label="TPR")
+            ax.plot(xs, [_num(r.get("fpr")) for r in rounds], marker="s", label="FPR")
+            ax.set_xlabel("round")
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"{title}: detection")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            paths.append(self.out_dir / DETECTION_PNG)
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
+        return paths
+
+
+def _num(value: object) -> float:
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def summary_markdown(summary: Mapping[str, object]) -> str:
+    """The summary as a Markdown page: key figures, then one row per round."""
+    lines = [f"# Run summary: {summary.get('strategy', '?')}", ""]
+    for key, value in summary.items():
+        if key in ("rounds", "config"):
+            continue
+        lines.append(f"- **{key}**: {_fmt(_clean(value))}")
+    rounds = summary.get("rounds") or []
+    if rounds:
+        cols = ["round", "benign-token-acc", "benign-exact-acc", "flagged-partitions", "tpr", "fpr",
+                "server-seconds", "client-train-seconds", "bytes-up", "bytes-down"]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rounds:  # type: ignore[union-attr]
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

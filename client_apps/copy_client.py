@@ -1,0 +1,183 @@
+"""ClientApp for the copy task: honest or contaminated, chosen by run config and node config.
+
+Follows the FlowerTune convention, so any strategy that understands PEFT state dicts works:
+the reply holds ``ArrayRecord(get_peft_model_state_dict(model))`` under ``"arrays"`` and a
+MetricRecord under ``"metrics"`` with ``num-examples``, ``train-loss`` and ``partition-id``.
+It also reports ``contaminated`` (ground truth for the results); the ServerApp strips that
+key before any strategy sees a reply.
+
+The base model is built or loaded from the on-disk cache on the client and never sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from clair_flower import attacks
+from clair_flower.config import RunConfig, attack_config, lora_spec, model_config, task_config, train_config
+from clair_flower.model import load_base_model, wrap_lora
+from clair_flower.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
+from clair_flower.task import NUM_SPECIAL, ClientData, encode, make_client_data
+from clair_flower.training import evaluate, train_local
+from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_arrayrecord, to_arrayrecord, to_metricrecord
+
+GROUND_TRUTH_KEY = "contaminated"
+BAD_REQUEST = 400
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _config(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def run_config(context: Context) -> RunConfig:
+    """The validated run config (parsed once per process)."""
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+@functools.lru_cache(maxsize=2)
+def _base_model(cfg: RunConfig):  # noqa: ANN202 - a transformers model
+    return load_base_model(model_config(cfg), task_config(cfg))
+
+
+def partition(context: Context) -> tuple[int, int]:
+    """``partition-id`` and ``num-partitions`` from the node config (injected by the
+    simulation; passed with ``--node-config`` in deployment)."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(f"node config lacks {err}: start the SuperNode with "
+                         f"--node-config 'partition-id=<i> num-partitions=<n>'") from None
+
+
+def is_contaminated(cfg: RunConfig, context: Context) -> bool:
+    """Contaminated if the node config says so (deployment) or the attack seed picks it."""
+    if "contaminated" in context.node_config:
+        return bool(context.node_config["contaminated"])
+    pid, n = partition(context)
+    return pid in attacks.contaminated_partitions(n, attack_config(cfg))
+
+
+def model_with_adapter(cfg: RunConfig, arrays: Mapping[str, np.ndarray]):  # noqa: ANN201
+    """A fresh copy of the cached base model with the received adapter loaded."""
+    model = wrap_lora(copy.deepcopy(_base_model(cfg)), lora_spec(cfg), seed=cfg.seed)
+    set_adapter_arrays(model, arrays)
+    return model
+
+
+def _received_arrays(msg: Message) -> dict[str, np.ndarray]:
+    if ARRAYS_KEY not in msg.content.array_records:
+        raise AdapterMismatchError(f"the message carries no ArrayRecord '{ARRAYS_KEY}'")
+    return from_arrayrecord(msg.content.array_records[ARRAYS_KEY])
+
+
+def _round(msg: Message) -> int:
+    config = msg.content.config_records.get(CONFIG_KEY, {})
+    return int(config.get("server-round", 0))
+
+
+def _client_data(cfg: RunConfig, context: Context, server_round: int, contaminated: bool) -> ClientData:
+    pid, n = partition(context)
+    acfg = attack_config(cfg)
+    poison = None
+    if contaminated and attacks.is_active(acfg, server_round):
+        poison = attacks.data_poison(acfg, cfg.vocab_size)
+    return make_client_data(task_config(cfg), pid, n, poison=poison)
+
+
+def _benign_reference(cfg: RunConfig, received: Mapping[str, np.ndarray], context: Context,
+                      server_round: int, k: int = 3) -> list[dict[str, np.ndarray]]:
+    """Adapters of a few benign partitions, trained from the received adapter.
+
+    ALIE and IPM assume the attacker knows the benign updates' statistics (the omniscient
+    colluder of the literature); the copy task's data are deterministic by seed, so the
+    attacker regenerates benign partitions' data and trains them itself.
+    """
+    _, n = partition(context)
+    bad = attacks.contaminated_partitions(n, attack_config(cfg))
+    benign = [p for p in range(n) if p not in bad][:k]
+    out = []
+    for p in benign:
+        model = model_with_adapter(cfg, received)
+        data = make_client_data(task_config(cfg), p, n)
+        train_local(model, data, train_config(cfg), seed=_train_seed(cfg, p, server_round))
+        out.append(get_adapter_arrays(model))
+    return out
+
+
+def _train_seed(cfg: RunConfig, pid: int, server_round: int) -> int:
+    return cfg.seed * 1_000_003 + pid * 1009 + server_round
+
+
+def _error_reply(msg: Message, err: Exception) -> Message:
+    return Message(Error(code=BAD_REQUEST, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the adapter sent, fine-tune it locally, reply with the PEFT state dict."""
+    cfg = run_config(context)
+    try:
+        received = _received_arrays(msg)
+        model = model_with_adapter(cfg, received)
+    except (AdapterMismatchError, ValueError) as err:
+        return _error_reply(msg, err)
+    server_round = _round(msg)
+    pid, _ = partition(context)
+    contaminated = is_contaminated(cfg, context)
+    data = _client_data(cfg, context, server_round, contaminated)
+    t0 = time.perf_counter()
+    stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, pid, server_round))
+    train_seconds = time.perf_counter() - t0
+    state = get_adapter_arrays(model)
+    acfg = attack_config(cfg)
+    if contaminated and acfg.name in attacks.MODEL_ATTACKS and attacks.is_active(acfg, server_round):
+        reference = (_benign_reference(cfg, received, context, server_round)
+                     if acfg.name in ("alie", "ipm") else None)
+        _, n = partition(context)
+        state = attacks.poison_update(acfg, state, received, server_round, benign_reference=reference,
+                                      num_clients=n,
+                                      num_malicious=len(attacks.contaminated_partitions(n, acfg)))
+    metrics = {"num-examples": int(stats["num-examples"]), "train-loss": stats["train-loss"],
+               "train-seconds": train_seconds, "partition-id": pid, GROUND_TRUTH_KEY: int(contaminated)}
+    return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(state), METRICS_KEY: to_metricrecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_adapter(msg: Message, context: Context) -> Message:
+    """Evaluate the adapter sent on this client's own held-out data."""
+    cfg = run_config(context)
+    try:
+        model = model_with_adapter(cfg, _received_arrays(msg))
+    except (AdapterMismatchError, ValueError) as err:
+        return _error_reply(msg, err)
+    pid, n = partition(context)
+    contaminated = is_contaminated(cfg, context)
+    data = make_client_data(task_config(cfg), pid, n)
+    metrics: dict[str, object] = dict(evaluate(model, data.test_inputs, data.test_labels))
+    acfg = attack_config(cfg)
+    if acfg.name == "backdoor":
+        metrics["backdoor-asr"] = _backdoor_success(cfg, model, data)
+    metrics.update({"num-examples": int(data.test_inputs.shape[0]), "partition-id": pid,
+                    GROUND_TRUTH_KEY: int(contaminated)})
+    return Message(RecordDict({METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
+
+
+def _backdoor_success(cfg: RunConfig, model, data: ClientData) -> float:  # noqa: ANN001
+    """Exact-sequence rate at which triggered test inputs produce the backdoor target."""
+    x = data.test_inputs.numpy()
+    # Content tokens of the clean test inputs: between BOS (position 0) and SEP.
+    xs = x[:, 1:1 + data.seq_len] - NUM_SPECIAL
+    xt, yt = attacks.backdoor_test_set(xs, attack_config(cfg), cfg.vocab_size)
+    inputs, labels = encode(xt, yt, cfg.max_len)
+    return float(evaluate(model, inputs, labels)["exact-acc"])

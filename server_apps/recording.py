@@ -1,0 +1,203 @@
+"""A strategy wrapper that measures and records every round, for any strategy.
+
+It sits between ``Strategy.start`` and the real strategy, so Flower's own strategies are
+recorded exactly like ours. Per round it writes one JSON line: benign accuracy from each
+client's held-out evaluation, the flagged partitions with TPR/FPR against ground truth,
+rejected replies with their reasons, bytes up and down, and server and client times.
+
+Ground truth (the ``contaminated`` metric each client reports) is read here and removed
+from every reply before the wrapped strategy sees it. Only ``oracle=True`` uses it, to
+keep contaminated replies away from the wrapped FedAvg.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from clair_flower.results import RunWriter, detection_rates
+
+GROUND_TRUTH_KEY = "contaminated"
+PARTITION_KEY = "partition-id"
+
+
+def _array_bytes(record: ArrayRecord) -> int:
+    return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values()))
+
+
+def _message_bytes(msg: Message) -> int:
+    if msg.has_error() or not msg.has_content():
+        return 0
+    return sum(_array_bytes(r) for r in msg.content.array_records.values())
+
+
+def _strip_ground_truth(msg: Message) -> tuple[int | None, int | None]:
+    """Remove the ground-truth key from a reply; return (partition-id, contaminated)."""
+    if msg.has_error() or not msg.has_content():
+        return None, None
+    pid = truth = None
+    for record in msg.content.metric_records.values():
+        if GROUND_TRUTH_KEY in record:
+            truth = int(record.pop(GROUND_TRUTH_KEY))  # type: ignore[arg-type]
+        if PARTITION_KEY in record and not isinstance(record[PARTITION_KEY], list):
+            pid = int(record[PARTITION_KEY])  # type: ignore[arg-type]
+    return pid, truth
+
+
+def _metrics_of(msg: Message) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for record in msg.content.metric_records.values():
+        out.update(record)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+class RecordingStrategy(Strategy):
+    """Wrap ``strategy``; write a round record to ``writer`` after each evaluation."""
+
+    def __init__(self, strategy: Strategy, writer: RunWriter, *, label: str, oracle: bool = False) -> None:
+        self.strategy = strategy
+        self.writer = writer
+        self.label = label
+        self.oracle = oracle
+        self.partition_of: dict[int, int] = {}
+        self.truth: dict[int, int] = {}
+        self.rounds: list[dict[str, object]] = []
+        self._round: dict[str, object] = {}
+        self._t_round = 0.0
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    # -- training ------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._t_round = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        down = [_message_bytes(m) for m in messages]
+        self._round = {"round": server_round, "num-sampled": len(messages),
+                       "bytes-down": int(np.mean(down)) if down else 0,
+                       "bytes-down-total": int(sum(down))}
+        return messages
+
+    def _learn_identities(self, replies: list[Message]) -> None:
+        for msg in replies:
+            pid, truth = _strip_ground_truth(msg)
+            nid = msg.metadata.src_node_id
+            if pid is not None:
+                self.partition_of[nid] = pid
+            if truth is not None:
+                self.truth[nid] = truth
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._learn_identities(replies)
+        if self.oracle:
+            replies = [m for m in replies if self.truth.get(m.metadata.src_node_id, 0) == 0]
+        ok = [m for m in replies if not m.has_error() and m.has_content()]
+        up = [_message_bytes(m) for m in ok]
+        train_secs = [float(_metrics_of(m).get("train-seconds", np.nan)) for m in ok]
+        t0 = time.perf_counter()
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        server_seconds = time.perf_counter() - t0
+        self._round.update({
+            "num-replies": len(ok), "bytes-up": int(np.mean(up)) if up else 0,
+            "bytes-up-total": int(sum(up)), "server-seconds": server_seconds,
+            "client-train-seconds": _mean([s for s in train_secs if np.isfinite(s)]),
+            "train-metrics": dict(metrics) if metrics is not None else {},
+        })
+        self._record_flags(metrics)
+        self._record_rejections()
+        return arrays, metrics
+
+    def _record_flags(self, metrics: MetricRecord | None) -> None:
+        if metrics is None or "flagged-node-ids" not in metrics:
+            return
+        flagged_nodes = {int(n) for n in metrics["flagged-node-ids"]}  # type: ignore[union-attr]
+        seen = [int(n) for n in metrics.get("node-ids", [])]  # type: ignore[union-attr]
+        population = {self.partition_of[n] for n in seen if n in self.partition_of}
+        flagged = {self.partition_of[n] for n in flagged_nodes if n in self.partition_of}
+        bad = {self.partition_of[n] for n, t in self.truth.items() if t and n in self.partition_of}
+        self._round["flagged-partitions"] = sorted(flagged)
+        self._round.update(detection_rates(flagged, bad & population, population))
+
+    def _record_rejections(self) -> None:
+        report = getattr(self.strategy, "last_report", None)
+        if report is None:
+            return
+        self._round["rejected"] = {str(self.partition_of.get(n, f"node-{n}")): reason
+                                   for n, reason in report.rejected.items()}
+
+    # -- evaluation ----------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        per_client = self._per_client_eval(replies)
+        agg = self.strategy.aggregate_evaluate(server_round, replies)
+        self._finish_round(server_round, per_client)
+        return agg
+
+    def _per_client_eval(self, replies: list[Message]) -> dict[int, dict[str, object]]:
+        out: dict[int, dict[str, object]] = {}
+        for msg in replies:
+            pid, truth = _strip_ground_truth(msg)
+            if pid is None:
+                continue
+            nid = msg.metadata.src_node_id
+            self.partition_of[nid] = pid
+            if truth is not None:
+                self.truth[nid] = truth
+            m = _metrics_of(msg)
+            out[pid] = {k: m[k] for k in ("token-acc", "exact-acc", "loss", "backdoor-asr") if k in m}
+            out[pid]["contaminated"] = self.truth.get(nid, 0)
+        return out
+
+    def _finish_round(self, server_round: int, per_client: Mapping[int, Mapping[str, object]]) -> None:
+        benign = [c for c in per_client.values() if not c["contaminated"]]
+        rec = self._round if self._round.get("round") == server_round else {"round": server_round}
+        rec.update({
+            "strategy": self.label,
+            "benign-token-acc": _mean([float(c["token-acc"]) for c in benign if "token-acc" in c]),
+            "benign-exact-acc": _mean([float(c["exact-acc"]) for c in benign if "exact-acc" in c]),
+            "num-evaluated": len(per_client),
+            "clients": {str(p): dict(c) for p, c in sorted(per_client.items())},
+            "round-seconds": time.perf_counter() - self._t_round,
+        })
+        asr = [float(c["backdoor-asr"]) for c in benign if "backdoor-asr" in c]
+        if asr:
+            rec["benign-backdoor-asr"] = _mean(asr)
+        self.rounds.append(rec)
+        self.writer.append_round(rec)
+        self._log_round(rec)
+
+    def _log_round(self, rec: Mapping[str, object]) -> None:
+        flags = ""
+        if "flagged-partitions" in rec:
+            flags = (f" | flagged partitions {rec['flagged-partitions']} "
+                     f"(TPR {_pct(rec.get('tpr'))}, FPR {_pct(rec.get('fpr'))})")
+        log(INFO, "[%s] round %s: benign token-acc %s, exact-acc %s%s | server %.2f s, client train %s s",
+            self.label, rec["round"], _pct(rec.get("benign-token-acc")), _pct(rec.get("benign-exact-acc")),
+            flags, float(rec.get("server-seconds", 0.0)), _fmt_s(rec.get("client-train-seconds")))
+
+
+def _pct(value: object) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{float(value):.3f}"  # type: ignore[arg-type]
+
+
+def _fmt_s(value: object) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
+

@@ -1,0 +1,28 @@
+"""Local-only fine-tuning: the baseline with no collaboration at all."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+from flwr.supercore import log
+
+from strategies.personalized import PersonalizedLoraStrategy
+from strategies.screening import Upload
+
+
+class LocalOnly(PersonalizedLoraStrategy):
+    """Each node keeps training its own adapter; nothing is aggregated.
+
+    The server only stores every node's adapter between rounds, so a node restarted by the
+    runtime (a fresh ClientApp process each message) resumes where it stopped. The global
+    arrays stay the initial adapter.
+    """
+
+    def update_adapters(self, server_round: int, uploads: list[Upload]) -> dict[str, object]:
+        for up in uploads:
+            self.adapters[up.node_id] = up.state
+        return {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> LocalOnly: no aggregation, one adapter kept per node")
+        super().summary()

@@ -1,0 +1,44 @@
+"""Conversions between Flower records and the numpy state dicts the core works on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"
+
+
+def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap a state dict, keeping PEFT's key names (FlowerTune convention)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unwrap an ArrayRecord into ``key -> ndarray``."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def metric_value(value: object) -> float | int | list[float]:
+    """Cast numpy scalars and sequences to the plain types a MetricRecord accepts."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return [float(v) for v in value]  # type: ignore[union-attr]
+
+
+def to_metricrecord(metrics: Mapping[str, object]) -> MetricRecord:
+    """A MetricRecord from a dict whose values may be numpy scalars or lists."""
+    return MetricRecord({k: metric_value(v) for k, v in metrics.items()})
+
+
+def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    """Payload size of a state dict, as counted for communication accounting."""
+    return int(sum(np.asarray(v).nbytes for v in state.values()))
