@@ -80,9 +80,31 @@ def _received_arrays(msg: Message) -> dict[str, np.ndarray]:
     return from_arrayrecord(msg.content.array_records[ARRAYS_KEY])
 
 
-def _round(msg: Message) -> int:
+def _config_value(msg: Message, key: str, default: object) -> object:
     config = msg.content.config_records.get(CONFIG_KEY, {})
-    return int(config.get("server-round", 0))
+    return config.get(key, default)
+
+
+def _round(msg: Message) -> int:
+    return int(_config_value(msg, "server-round", 0))  # type: ignore[arg-type]
+
+
+def _factor_choice(msg: Message, key: str) -> str:
+    """``train-factors`` / ``upload-factors`` from the server: "both", "A" or "B".
+
+    RoLoRA and FFA-LoRA train one factor with the other frozen and upload only that one.
+    """
+    value = str(_config_value(msg, key, "both"))
+    if value not in ("both", "A", "B"):
+        raise ValueError(f"config '{key}' must be 'both', 'A' or 'B', got {value!r}")
+    return value
+
+
+def _only_factor(state: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
+    if which == "both":
+        return state
+    suffix = f".lora_{which}.weight"
+    return {k: v for k, v in state.items() if k.endswith(suffix)}
 
 
 def _client_data(cfg: RunConfig, context: Context, server_round: int, contaminated: bool) -> ClientData:
@@ -129,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         received = _received_arrays(msg)
         model = model_with_adapter(cfg, received)
+        trainable, upload = _factor_choice(msg, "train-factors"), _factor_choice(msg, "upload-factors")
     except (AdapterMismatchError, ValueError) as err:
         return _error_reply(msg, err)
     server_round = _round(msg)
@@ -136,7 +159,8 @@ def train(msg: Message, context: Context) -> Message:
     contaminated = is_contaminated(cfg, context)
     data = _client_data(cfg, context, server_round, contaminated)
     t0 = time.perf_counter()
-    stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, pid, server_round))
+    stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, pid, server_round),
+                        trainable=trainable)
     train_seconds = time.perf_counter() - t0
     state = get_adapter_arrays(model)
     acfg = attack_config(cfg)
@@ -149,8 +173,8 @@ def train(msg: Message, context: Context) -> Message:
                                       num_malicious=len(attacks.contaminated_partitions(n, acfg)))
     metrics = {"num-examples": int(stats["num-examples"]), "train-loss": stats["train-loss"],
                "train-seconds": train_seconds, "partition-id": pid, GROUND_TRUTH_KEY: int(contaminated)}
-    return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(state), METRICS_KEY: to_metricrecord(metrics)}),
-                   reply_to=msg)
+    return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(_only_factor(state, upload)),
+                               METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
