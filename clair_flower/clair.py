@@ -1,0 +1,358 @@
+"""CLAIR: public API (steps 1 to 6 of DESIGN section 3 over all adapted modules).
+
+This is the project's reconstruction of CLAIR (Collaborative Low-rank Alignment and
+Identifiable Recovery; He, Chen, Feng 2026, arXiv 2605.21217) from the paper's abstract, as
+specified in ``DESIGN.md`` section 3; the paper's full text was not available, so the choices
+below (pair set, lambda selection, vote thresholds, multi-module rule, second stage) are ours.
+Per module, the pairwise differences of the clients' LoRA updates are split into a low-rank
+part (the shared subspace ``U``) and a block-sparse part (pairs touching contaminated clients);
+a majority vote over pairs gives the collaborative set; each benign client receives its update
+projected on ``U`` plus the collaborative mean off ``U``, re-factored at its own rank.
+
+Lambda selection (``lam="auto"``): on the normalised stack, ``lam = c / sqrt(|P|)`` for ``c`` on
+the geometric grid of :func:`~clair_flower.decomposition.lam_grid` (solved from large to small
+``c``, warm-started, stopping at the first majority-flagged point once an admissible point was
+seen, since smaller ``c`` only moves more blocks into ``S``). A grid point is *admissible* when its flagged-pair pattern is explained by
+a client set (consistency >= ``1 - consistency_tol``, see
+:func:`~clair_flower.detection.consistency`) and the flagged clients are a strict minority. Among
+admissible points the one with the lowest effective rank of ``L`` (singular values above
+``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
+run of ``c``. With no admissible point, the most consistent one is used and the module's
+diagnostics say ``"selection": "fallback"``. A float ``lam`` is the constant ``c`` itself.
+
+Inputs that are all zero for every module (a free-rider, or an untrained adapter) are excluded
+before the decomposition and reported as flagged with ``reason="all-zero update"``: a zero update
+has no direction to test and would otherwise distort the block scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clair_flower import detection
+from clair_flower.decomposition import (
+    BlockProblem, ClientFactors, dense_problem, lam_from_c, lam_grid, make_pairs, reduced_problem,
+)
+from clair_flower.lora import LoraFactors
+from clair_flower.refinement import POLICIES, refine_module
+from clair_flower.solvers import FORMS, SolveResult, solve
+
+ClientId = Hashable
+
+
+class ClairInputError(ValueError):
+    """Updates CLAIR cannot interpret; the message names the client and module."""
+
+
+@dataclass(frozen=True)
+class ClairConfig:
+    """Settings of one CLAIR aggregation (see the module docstring for ``lam``)."""
+
+    rank: int | None = None
+    solver: str = "fast"
+    form: str = "constrained"
+    lam: str | float = "auto"
+    pairs: str = "all"
+    pair_degree: int | None = None
+    flag_threshold: float = 0.1
+    vote_threshold: float = 0.5
+    flagged_policy: str = "consensus"
+    in_subspace_stage: bool = False
+    seed: int = 0
+    max_iter: int = 3000
+    tol: float = 1e-8
+    penalty: float = 0.01
+    """Penalized form: ``mu = penalty * ||X||_2`` on the normalised stack."""
+    z_threshold: float = 3.5
+    """In-subspace stage: robust z-score above which a client is flagged."""
+    rank_rtol: float = 0.05
+    consistency_tol: float = 0.02
+    path_points: int = 12
+
+    def validate(self) -> None:
+        if self.solver not in ("fast", "reference"):
+            raise ValueError(f"solver must be 'fast' or 'reference', got {self.solver!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.flagged_policy not in POLICIES:
+            raise ValueError(f"flagged_policy must be one of {POLICIES}, got {self.flagged_policy!r}")
+        if not (self.lam == "auto" or (isinstance(self.lam, (int, float)) and self.lam > 0)):
+            raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be None or >= 1, got {self.rank}")
+
+
+@dataclass
+class ClientReport:
+    vote: float
+    score: float
+    flagged: bool
+    refined: dict[str, LoraFactors]
+    truncation_error: dict[str, float]
+    reason: str = ""
+    in_subspace_z: float | None = None
+
+
+@dataclass
+class ModuleReport:
+    U: np.ndarray
+    rank: int
+    diagnostics: dict
+
+
+@dataclass
+class ClairResult:
+    collaborative_set: frozenset
+    flagged: frozenset
+    clients: dict
+    consensus: dict[str, LoraFactors]
+    modules: dict[str, ModuleReport]
+    diagnostics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- input handling
+
+
+def _as_factors(x: object, cid: ClientId, name: str) -> LoraFactors:
+    """Validate one upload; dense arrays become exact-rank factors (scaling 1)."""
+    if isinstance(x, LoraFactors):
+        f = x
+        arrays = (f.A, f.B)
+    else:
+        arr = np.asarray(x)
+        if arr.ndim != 2:
+            raise ClairInputError(f"client {cid!r}, module {name!r}: dense update must be 2-D, got {arr.shape}")
+        arrays = (arr,)
+    for a in arrays:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ClairInputError(f"client {cid!r}, module {name!r}: non-float dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ClairInputError(f"client {cid!r}, module {name!r}: update contains NaN or Inf")
+    if isinstance(x, LoraFactors):
+        if not math.isfinite(f.scaling):
+            raise ClairInputError(f"client {cid!r}, module {name!r}: non-finite scaling")
+        return f
+    dtype = np.float32 if arr.dtype == np.float32 else np.float64
+    u, s, vt = np.linalg.svd(arr.astype(np.float64), full_matrices=False)
+    r = max(1, int(np.sum(s > 1e-12 * (s[0] if s.size else 0.0))))
+    root = np.sqrt(s[:r])
+    return LoraFactors((root[:, None] * vt[:r]).astype(dtype), (u[:, :r] * root).astype(dtype), 1.0)
+
+
+def _validate(updates: Mapping) -> tuple[list, list[str], dict[str, dict]]:
+    """Client order, module names and validated factors; raises :class:`ClairInputError`."""
+    if not isinstance(updates, Mapping) or len(updates) < 3:
+        n = len(updates) if isinstance(updates, Mapping) else "no mapping"
+        raise ClairInputError(f"CLAIR needs at least 3 clients, got {n}")
+    cids = list(updates.keys())
+    try:
+        cids = sorted(cids)
+    except TypeError:
+        pass
+    modules = sorted(str(m) for m in updates[cids[0]].keys()) if isinstance(updates[cids[0]], Mapping) else []
+    if not modules:
+        raise ClairInputError(f"client {cids[0]!r}: no modules (module: none)")
+    out: dict[str, dict] = {m: {} for m in modules}
+    for cid in cids:
+        mods = updates[cid]
+        if not isinstance(mods, Mapping):
+            raise ClairInputError(f"client {cid!r}: updates must map module names to factors (module: all)")
+        missing = set(modules) - set(mods.keys())
+        extra = set(mods.keys()) - set(modules)
+        if missing or extra:
+            bad = sorted(missing or extra)[0]
+            what = "missing" if missing else "not uploaded by other clients"
+            raise ClairInputError(f"client {cid!r}, module {bad!r}: module {what}")
+        for m in modules:
+            out[m][cid] = _as_factors(mods[m], cid, m)
+    for m in modules:
+        ref_cid = cids[0]
+        shape = out[m][ref_cid].shape
+        for cid in cids:
+            if out[m][cid].shape != shape:
+                raise ClairInputError(
+                    f"client {cid!r}, module {m!r}: update shape {out[m][cid].shape} differs from "
+                    f"{shape} of client {ref_cid!r}"
+                )
+    return cids, modules, out
+
+
+def _is_zero(f: LoraFactors) -> bool:
+    return f.scaling == 0 or not np.any(f.A) or not np.any(f.B)
+
+
+# ----------------------------------------------------------------------------- per module
+
+
+def _effective_rank(sv: np.ndarray, rtol: float) -> int:
+    return int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0
+
+
+def gap_rank(sv: np.ndarray) -> int:
+    """Rank at the largest ratio ``sigma_i / sigma_{i+1}`` (tiny values floored at 1e-12 sigma_1)."""
+    if sv.size == 0 or sv[0] <= 0:
+        return 1
+    s = np.maximum(np.append(sv, 0.0), 1e-12 * sv[0])
+    return int(np.argmax(s[:-1] / s[1:])) + 1
+
+
+def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveResult, dict]:
+    """Solve along the lambda path and pick the admissible point (module docstring)."""
+    pairs = problem.pairs
+    cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
+    mu = None
+    if cfg.form == "penalized":
+        mu = cfg.penalty * float(np.linalg.norm(problem.X.astype(np.float64), 2))
+    informative = detection.informative_pairs(problem.block_norms)
+    path, results, warm = [], [], None
+    for c in cs:
+        lam = lam_from_c(c, len(pairs))
+        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol, max_iter=cfg.max_iter, warm=warm)
+        warm = res if cfg.solver == "fast" else None
+        ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+        v = detection.majority_vote(pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
+        cons = detection.consistency(pairs, v.pair_flags, v.flagged, informative)
+        nflag = int(v.flagged.sum())
+        path.append({"c": c, "lam": lam, "effective_rank": _effective_rank(res.L_sv, cfg.rank_rtol),
+                     "n_flagged": nflag, "consistency": cons, "status": res.status,
+                     "iterations": res.iterations, "admissible": cons >= 1 - cfg.consistency_tol and 2 * nflag < n})
+        results.append(res)
+        if 2 * nflag >= n and any(p["admissible"] for p in path):
+            break  # smaller c only moves more blocks into S: the rest of the path is inadmissible
+    adm = [i for i, p in enumerate(path) if p["admissible"]]
+    if adm:
+        best = min((path[i]["effective_rank"], path[i]["n_flagged"]) for i in adm)
+        ties = [i for i in adm if (path[i]["effective_rank"], path[i]["n_flagged"]) == best]
+        pick, how = ties[len(ties) // 2], "admissible"
+    else:
+        pick = max(range(len(path)), key=lambda i: (path[i]["consistency"], -path[i]["effective_rank"]))
+        how = "fallback" if len(cs) > 1 else "fixed"
+    if len(cs) == 1 and adm:
+        how = "fixed"
+    info = {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how, "path": path,
+            "iterations_total": int(sum(p["iterations"] for p in path))}
+    return results[pick], info
+
+
+def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, np.ndarray]:
+    """Decompose one module; returns its report pieces and the pair evidence."""
+    t0 = time.perf_counter()
+    problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
+    t_red = time.perf_counter() - t0
+    res, info = _solve_path(problem, cfg, n)
+    r_hat = cfg.rank if cfg.rank is not None else gap_rank(res.L_sv)
+    r_hat = min(r_hat, res.L_left.shape[1]) if res.L_left.shape[1] else r_hat
+    Ut = res.L_left[:, :r_hat]
+    U = problem.lift_left(Ut.astype(problem.left.dtype) if problem.left is not None else Ut)
+    U = np.linalg.qr(np.asarray(U, dtype=np.float64))[0]
+    ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+    diag = {"solver": res.solver, "form": cfg.form, "status": res.status, "iterations": res.iterations,
+            "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
+            "singular_values": [float(s) for s in res.L_sv[: max(r_hat + 5, 10)]], **info, **problem.info}
+    inform = detection.informative_pairs(problem.block_norms)
+    return {"U": U, "rank": int(r_hat), "diagnostics": diag, "informative": inform}, ev
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]],
+              cfg: ClairConfig | None = None) -> ClairResult:
+    """Run CLAIR on one round of uploads; see the module docstring and DESIGN section 3."""
+    cfg = cfg or ClairConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    cids, modules, fac = _validate(updates)
+    zero = [c for c in cids if all(_is_zero(fac[m][c]) for m in modules)]
+    active = [c for c in cids if c not in zero]
+    if len(active) < 3:
+        raise ClairInputError(
+            f"CLAIR needs at least 3 clients with non-zero updates; all-zero: {zero!r} (module: all)"
+        )
+    n = len(active)
+    pairs = make_pairs(n, cfg.pairs, cfg.pair_degree, cfg.seed)
+    cf_by_module: dict[str, ClientFactors] = {}
+    mod_out, evidence, informative = {}, [], None
+    for m in modules:
+        dtype = np.float32 if all(fac[m][c].A.dtype == np.float32 for c in active) else np.float64
+        cf = ClientFactors([(fac[m][c].scaling * fac[m][c].B).astype(dtype) for c in active],
+                           [fac[m][c].A.astype(dtype) for c in active])
+        cf_by_module[m] = cf
+        try:
+            out, ev = _module(cf, pairs, cfg, n)
+        except ValueError as e:  # e.g. every active client uploaded the same update
+            raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
+        mod_out[m] = out
+        evidence.append(ev)
+        informative = out["informative"] if informative is None else (informative | out["informative"])
+    combined = detection.combine_modules(evidence)
+    votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
+    flagged = votes.flagged.copy()
+    z_scores = None
+    if cfg.in_subspace_stage:
+        cand = [i for i in range(n) if not flagged[i]]
+        coeffs = [[(mod_out[m]["U"].T @ cf_by_module[m].B[i].astype(np.float64)) @ cf_by_module[m].A[i]
+                   for i in cand] for m in modules]
+        z, zflag = detection.in_subspace_flags(coeffs, cfg.z_threshold)
+        z_scores = dict(zip(cand, z))
+        for j, i in enumerate(cand):
+            flagged[i] |= bool(zflag[j])
+    collab = [i for i in range(n) if not flagged[i]]
+    if not collab:
+        raise RuntimeError("CLAIR flagged every client; no collaborative set to aggregate")
+    refined: dict = {c: {} for c in cids}
+    errors: dict = {c: {} for c in cids}
+    consensus: dict[str, LoraFactors] = {}
+    for m in modules:
+        cf = cf_by_module[m]
+        scal = [fac[m][c].scaling for c in active]
+        ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy)
+        consensus[m] = cons
+        for i, c in enumerate(active):
+            refined[c][m], errors[c][m] = ref[i], err[i]
+        for c in zero:  # excluded clients get the policy as well
+            refined[c][m], errors[c][m] = _policy_for_zero(fac[m][c], cons, cf, collab, cfg.flagged_policy)
+    clients = {}
+    for i, c in enumerate(active):
+        clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],
+                                  errors[c], reason=_reason(i, votes, flagged),
+                                  in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]))
+    for c in zero:
+        clients[c] = ClientReport(1.0, float("inf"), True, refined[c], errors[c], reason="all-zero update")
+    flagged_ids = frozenset(c for c in cids if clients[c].flagged)
+    modules_rep = {m: ModuleReport(mod_out[m]["U"], mod_out[m]["rank"], mod_out[m]["diagnostics"]) for m in modules}
+    statuses = sorted({modules_rep[m].diagnostics["status"] for m in modules})
+    diag = {"solver": cfg.solver, "form": cfg.form, "status": statuses[0] if len(statuses) == 1 else ",".join(statuses),
+            "seconds": time.perf_counter() - t0, "n_clients": len(cids), "n_active": n, "n_pairs": len(pairs),
+            "pairs": cfg.pairs, "lam": {m: modules_rep[m].diagnostics["lam"] for m in modules},
+            "c": {m: modules_rep[m].diagnostics["c"] for m in modules},
+            "rank": {m: modules_rep[m].rank for m in modules},
+            "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage}
+    return ClairResult(frozenset(c for c in cids if c not in flagged_ids), flagged_ids, clients, consensus,
+                       modules_rep, diag)
+
+
+def _reason(i: int, votes: detection.Votes, flagged: np.ndarray) -> str:
+    if votes.flagged[i]:
+        return "off-subspace majority vote"
+    if flagged[i]:
+        return "in-subspace stage"
+    return ""
+
+
+def _policy_for_zero(f: LoraFactors, consensus_max: LoraFactors, cf: ClientFactors, collab, policy: str
+                     ) -> tuple[LoraFactors, float]:
+    """The flagged policy for an excluded all-zero client (its own rank and scaling)."""
+    from clair_flower.refinement import lowrank_svd, mean_factors
+    from clair_flower.lora import refactor_lowrank
+    dtype = cf.B[0].dtype
+    if policy == "consensus":
+        Bm, Am = mean_factors(cf.B, cf.A, collab)
+        M = lowrank_svd(Bm, Am)
+        return refactor_lowrank(M.left, np.diag(M.s), M.right, f.rank, f.scaling or 1.0, dtype=dtype)
+    return LoraFactors(np.zeros_like(f.A, dtype=dtype), np.zeros_like(f.B, dtype=dtype), float(f.scaling)), 0.0

@@ -1,0 +1,108 @@
+"""Steps 5 and 6: subspace-projected refinement and re-factoring to each client's rank.
+
+For k in the collaborative set ``C``, with ``P = U U^T``,
+``dW~_k = P dW_k + (I - P) m``, ``m = mean_{l in C} dW_l``. Everything stays in factor form:
+
+* ``P dW_k = U a_k`` with ``a_k = (U^T B_k) A_k`` (r_hat x q);
+* ``Z = (I - P) m = ((I - P) B_C) A_C / |C|`` is common to all of C, so its SVD is computed once
+  (exactly, by QR of both factors) and truncated to ``t = r_max + r_hat`` terms;
+* ``dW~_k ~ [U, U_Z] [a_k; S_Z V_Z^T]`` with orthonormal left factor (``U_Z`` is orthogonal to
+  ``U``), re-factored by :func:`clair_flower.lora.refactor_lowrank` at the client's rank.
+
+The reported truncation error is exact for ``dW~_k``: because ``col(Z_tail)`` is orthogonal to
+``U`` and to ``U_Z``, ``||dW~_k - F_k||^2 = (SVD tail of the kept part)^2 + ||Z_tail||^2``.
+Flagged clients get the policy: ``consensus`` (``m`` at their rank), ``local`` (their own update
+re-factored) or ``zero``; their updates never enter ``m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from clair_flower.lora import LoraFactors, refactor_lowrank
+
+POLICIES = ("consensus", "local", "zero")
+
+
+@dataclass
+class LowRankSVD:
+    """``left @ diag(s) @ right`` with orthonormal ``left`` columns and ``right`` rows."""
+
+    left: np.ndarray
+    s: np.ndarray
+    right: np.ndarray
+
+
+def lowrank_svd(B: np.ndarray, A: np.ndarray) -> LowRankSVD:
+    """Exact thin SVD of ``B @ A`` from QR of both factors (never forms ``B @ A``)."""
+    Qb, Rb = np.linalg.qr(B)
+    Qa, Ra = np.linalg.qr(A.T)
+    u, s, vt = np.linalg.svd((Rb.astype(np.float64) @ Ra.T.astype(np.float64)), full_matrices=False)
+    return LowRankSVD(Qb @ u.astype(Qb.dtype), s, vt.astype(Qa.dtype) @ Qa.T)
+
+
+def _refactor_sum(left: np.ndarray, right: np.ndarray, rank: int, scaling: float, dtype
+                  ) -> tuple[LoraFactors, float, float]:
+    """Re-factor ``left @ right`` (orthonormal ``left``); returns factors, tail^2 and total^2."""
+    Qr, Rr = np.linalg.qr(right.T)
+    core = Rr.T.astype(np.float64)
+    f, err = refactor_lowrank(left, core, Qr.T, rank, scaling, dtype=dtype)
+    total2 = float(np.sum(core**2))
+    return f, err**2 * total2, total2
+
+
+def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of ``mean_{l in members} B_l A_l`` (scaling already folded into ``B``)."""
+    Bm = np.concatenate([B[l] for l in members], axis=1) / len(members)
+    Am = np.concatenate([A[l] for l in members], axis=0)
+    return Bm, Am
+
+
+def refine_module(
+    B: Sequence[np.ndarray], A: Sequence[np.ndarray], scalings: Sequence[float], U: np.ndarray,
+    collaborative: Sequence[int], policy: str = "consensus",
+) -> tuple[list[LoraFactors], list[float], LoraFactors]:
+    """Refined factors (at each client's own rank) and truncation errors for one module.
+
+    ``B[k]`` carries the scaling (``dW_k = B[k] @ A[k]``); ``scalings[k]`` is divided back out.
+    Returns ``(refined per client, truncation error per client, consensus at the max rank)``.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"flagged_policy must be one of {POLICIES}, got {policy!r}")
+    dtype = B[0].dtype
+    ranks = [b.shape[1] for b in B]
+    r_max = max(ranks)
+    members = sorted(collaborative)
+    Bm, Am = mean_factors(B, A, members)
+    Uw = U.astype(dtype)
+    Z = lowrank_svd(Bm - Uw @ (Uw.T @ Bm), Am)
+    t = min(Z.s.size, r_max + U.shape[1])
+    Uz, Zright = Z.left[:, :t], Z.s[:t, None].astype(dtype) * Z.right[:t]
+    z_tail2 = float(np.sum(Z.s[t:] ** 2))
+    left = np.concatenate([Uw, Uz], axis=1)
+    M = lowrank_svd(Bm, Am)
+    kmax = int(np.argmax(ranks))
+    consensus, _ = refactor_lowrank(M.left, np.diag(M.s), M.right, r_max, scalings[kmax], dtype=dtype)
+    member_set = set(members)
+    refined, errors = [], []
+    for k in range(len(B)):
+        if k in member_set:
+            a_k = (Uw.T @ B[k]) @ A[k]
+            f, tail2, total2 = _refactor_sum(left, np.concatenate([a_k, Zright], 0), ranks[k],
+                                             scalings[k], dtype)
+            err = float(np.sqrt((tail2 + z_tail2) / (total2 + z_tail2))) if total2 + z_tail2 > 0 else 0.0
+        elif policy == "consensus":
+            f, err = refactor_lowrank(M.left, np.diag(M.s), M.right, ranks[k], scalings[k], dtype=dtype)
+        elif policy == "local":
+            own = lowrank_svd(B[k], A[k])
+            f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
+        else:
+            f = LoraFactors(np.zeros_like(A[k]), np.zeros_like(B[k]), float(scalings[k]))
+            err = 0.0
+        refined.append(f)
+        errors.append(float(err))
+    return refined, errors, consensus

@@ -1,0 +1,60 @@
+"""Solvers for the CLAIR program of :mod:`clair_flower.decomposition`.
+
+``fast`` (default) solves the exactly reduced problem with an inexact ALM / ADMM (constrained
+form) or accelerated proximal gradient (penalized form); ``reference`` hands the dense problem
+to cvxpy/SCS and is only usable at small sizes. Both return a :class:`SolveResult` on the
+normalised scale of the :class:`~clair_flower.decomposition.BlockProblem` they were given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMS = ("constrained", "penalized")
+
+
+@dataclass
+class SolveResult:
+    """Minimiser ``(L, S)`` of one program instance plus what a caller needs from it."""
+
+    L: np.ndarray
+    S: np.ndarray
+    L_sv: np.ndarray
+    """Singular values of ``L`` (descending)."""
+    L_left: np.ndarray
+    """Left singular vectors of ``L`` (columns, same order), in the problem's row space."""
+    S_norms: np.ndarray
+    """``||S_kl||_F`` per pair."""
+    objective: float
+    iterations: int
+    status: str
+    seconds: float
+    solver: str
+
+
+def svd_of(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and singular values of ``L`` (via the smaller Gram side)."""
+    if L.size == 0:
+        return np.zeros((L.shape[0], 0)), np.zeros(0)
+    L = L.astype(np.float64)
+    if L.shape[0] <= L.shape[1]:  # eigh of the small Gram; LAPACK's SVD of wide blocks is slow
+        e, V = np.linalg.eigh(L @ L.T)
+        return V[:, ::-1], np.sqrt(np.maximum(e[::-1], 0.0))
+    u, s, _ = np.linalg.svd(L, full_matrices=False)
+    return u, s
+
+
+def solve(problem, lam: float, form: str = "constrained", solver: str = "fast", mu: float | None = None,
+          tol: float = 1e-7, max_iter: int = 2000, warm: SolveResult | None = None) -> SolveResult:
+    """Dispatch to the named solver; ``mu`` is the penalized form's weight (ignored otherwise)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if solver == "fast":
+        from clair_flower.solvers.fast import solve_fast
+        return solve_fast(problem, lam, form, mu=mu, tol=tol, max_iter=max_iter, warm=warm)
+    if solver == "reference":
+        from clair_flower.solvers.reference import solve_reference
+        return solve_reference(problem, lam, form, mu=mu, tol=tol)
+    raise ValueError(f"solver must be 'fast' or 'reference', got {solver!r}")
