@@ -1,0 +1,184 @@
+"""CLAIR on RoLoRA's upload: one LoRA factor per round, screened for contamination.
+
+Clients alternate as in :class:`~strategies.rolora.RoLoRA` (B first) and upload only the
+factor they trained. The server completes each upload with the factor it holds into a LoRA
+update, ``dW_k = s * B_k @ A`` in a B round (``dW_k = s * B @ A_k`` in an A round), runs
+:func:`clair_flower.clair.run_clair` on those, drops the flagged clients, and averages the
+*refined* trained factor of the others (weighted by num-examples) into the broadcast adapter.
+
+Re-projection onto the shared factor
+------------------------------------
+CLAIR returns each client's refined update ``dW~_k`` as LoRA factors of its own. Only the
+trained factor may change, so ``dW~_k`` is mapped back by least squares on the frozen one::
+
+    B round:  B~_k = dW~_k A^+ / s        A round:  A~_k = B^+ dW~_k / s
+
+(``^+`` the Moore-Penrose pseudo-inverse, computed on the ``r``-sized factors, never on the
+dense update). This is exact when ``dW~_k``'s row space lies in ``rowspan(A)`` (column space
+in ``colspan(B)``). CLAIR's refinement is a projection of the updates plus a mean of
+them, so it stays in that space; the relative residual is reported each round
+(``max-reprojection-residual``) to show it. The refined factors of the last CLAIR round are kept
+per node in :attr:`ClairRoLoRA.refined` (personalised variants); the broadcast stays shared, as
+RoLoRA's exactness needs one frozen factor for everyone.
+
+What CLAIR can and cannot detect in this mode
+---------------------------------------------
+* With ``A`` shared, every ``dW_k`` of a B round has its row space in ``rowspan(A)`` (``r``
+  dimensions). Pairwise differences ``s (B_j - B_k) A`` then differ only in the B-column space:
+  CLAIR compares the clients' ``B_k`` through a fixed lens. Symmetrically an A round compares
+  ``A_k`` through ``colspan(B)``.
+* An attack confined to ``A`` (or needing input directions outside ``rowspan(A)``, e.g. a
+  trigger token's embedding direction) cannot be sent at all in a B round: the client can only
+  upload ``B`` (a reply carrying ``A`` keys is rejected by the screen). It shows up only in the
+  following A round, so evidence is split across rounds and each round sees half of it.
+  Flags are per round; :attr:`ClairRoLoRA.flag_history` keeps them across rounds.
+* Attacks that stay inside the benign span (scaling, sign flip, inner-product manipulation)
+  leave no off-subspace block: as for CLAIR on full adapters, they need ``in_subspace_stage``.
+* The shared subspace CLAIR recovers has rank at most ``r`` here; one module's stack of
+  differences is at most rank ``r`` on the frozen side, so a small ``rank`` (``r_hat``) is
+  natural, and a contaminated client that mimics the benign ``B`` column space is undetectable
+  in that round by construction.
+* With fewer than 3 usable uploads, or if CLAIR fails, the round is skipped (no aggregation, so
+  the phase does not advance; see the parity rule in :mod:`strategies.rolora`).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.supercore import log
+
+from clair_flower.clair import ClairConfig, ClairResult, run_clair
+from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
+from strategies.personalized import weighted_mean_state
+from strategies.rolora import RoLoRA, State
+from strategies.screening import Upload
+
+
+def _gram_norm(left: np.ndarray, right: np.ndarray) -> float:
+    """``||left @ right||_F`` from the two small Gram matrices (no dense product)."""
+    l64, r64 = left.astype(np.float64), right.astype(np.float64)
+    return float(np.sqrt(max(np.sum((l64.T @ l64) * (r64 @ r64.T)), 0.0)))
+
+
+def reproject(refined: LoraFactors, frozen: np.ndarray, factor: str, scaling: float
+              ) -> tuple[np.ndarray, float]:
+    """Least-squares trained factor reproducing ``refined`` with ``frozen`` held fixed.
+
+    Returns the factor and the relative residual ``||dW~ - s * B~ A|| / ||dW~||`` (zero when
+    the refined update lies in the frozen factor's row / column space).
+    """
+    fb, fa = refined.B.astype(np.float64), refined.A.astype(np.float64)
+    fr = frozen.astype(np.float64)
+    ratio = refined.scaling / scaling
+    if factor == "B":  # frozen is A (r x in)
+        core = fa @ np.linalg.pinv(fr)                   # r_ref x r
+        new = ratio * fb @ core
+        residual = _gram_norm(fb, fa - core @ fr)
+    else:              # frozen is B (out x r)
+        core = np.linalg.pinv(fr) @ fb                   # r x r_ref
+        new = ratio * core @ fa
+        residual = _gram_norm(fb - fr @ core, fa)
+    total = _gram_norm(fb, fa)
+    return new.astype(np.float32), residual / total if total > 0 else 0.0
+
+
+class ClairRoLoRA(RoLoRA):
+    """RoLoRA whose per-round aggregation of the trained factor goes through CLAIR.
+
+    Parameters
+    ----------
+    lora_alpha, use_rslora : float, bool
+        The clients' PEFT scaling, so that ``dW_k = s B_k A`` with ``s = alpha / r``.
+    rank, solver, form, lam, flag_threshold, vote_threshold, in_subspace_stage, pairs, seed
+        CLAIR settings, as in :class:`strategies.clair.ClairStrategy`.
+    **kwargs
+        RoLoRA's sampling, keys and screen settings (``min_train_nodes`` defaults to 3).
+    """
+
+    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, rank: int | None = None,
+                 solver: str = "fast", form: str = "constrained", lam: str | float = "auto",
+                 flag_threshold: float | None = None, vote_threshold: float = 0.5,
+                 in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
+                 min_train_nodes: int = 3, min_available_nodes: int = 3, **kwargs: object) -> None:
+        super().__init__(min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes,
+                         **kwargs)  # type: ignore[arg-type]
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = use_rslora
+        cfg: dict[str, object] = dict(rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
+                                      vote_threshold=vote_threshold, in_subspace_stage=in_subspace_stage,
+                                      seed=seed)
+        if flag_threshold is not None:
+            cfg["flag_threshold"] = flag_threshold
+        self.config = ClairConfig(**cfg)  # type: ignore[arg-type]
+        self.refined: dict[int, State] = {}
+        self.flag_history: dict[int, list[int]] = {}
+
+    def summary(self) -> None:
+        c = self.config
+        log(INFO, "\t├──> CLAIR-RoLoRA: alternating factors (B first), CLAIR on s*B_k@A / s*B@A_k")
+        log(INFO, "\t├──> CLAIR: lora_alpha %g%s, r_hat %s, solver %s, lambda %s, in-subspace stage %s",
+            self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)", c.solver,
+            c.lam, c.in_subspace_stage)
+        self._log_common()
+
+    # -- uploads as LoRA updates -------------------------------------------------------
+    def _as_factors(self, upload: State, factor: str) -> dict[str, LoraFactors]:
+        """Complete one upload with the server's frozen factor into per-module LoRA factors."""
+        assert self.global_state is not None
+        out = {}
+        for name in lora_module_names(self.global_state):
+            a = upload[name + LORA_A_SUFFIX] if factor == "A" else self.global_state[name + LORA_A_SUFFIX]
+            b = upload[name + LORA_B_SUFFIX] if factor == "B" else self.global_state[name + LORA_B_SUFFIX]
+            out[name] = LoraFactors(a, b, lora_scaling(self.lora_alpha, a.shape[0], self.use_rslora))
+        return out
+
+    def _reproject_all(self, refined: dict[str, LoraFactors], factor: str) -> tuple[State, float]:
+        assert self.global_state is not None
+        frozen_suffix = LORA_A_SUFFIX if factor == "B" else LORA_B_SUFFIX
+        suffix = LORA_B_SUFFIX if factor == "B" else LORA_A_SUFFIX
+        state, worst = {}, 0.0
+        for name, f in refined.items():
+            frozen = self.global_state[name + frozen_suffix]
+            r = frozen.shape[0] if factor == "B" else frozen.shape[1]
+            new, res = reproject(f, frozen, factor, lora_scaling(self.lora_alpha, r, self.use_rslora))
+            state[name + suffix], worst = new, max(worst, res)
+        return state, worst
+
+    # -- aggregation -------------------------------------------------------------------
+    def aggregate_factor(self, server_round: int, factor: str, uploads: list[Upload]
+                         ) -> tuple[State | None, dict[str, object]]:
+        if len(uploads) < 3:
+            log(WARNING, "CLAIR needs at least 3 usable uploads, got %d: round skipped", len(uploads))
+            return None, {"clair-fallback": 1, "num-flagged": 0}
+        t0 = time.perf_counter()
+        try:
+            result = run_clair({u.node_id: self._as_factors(u.state, factor) for u in uploads}, self.config)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
+            log(WARNING, "CLAIR failed this round (%s): round skipped", err)
+            return None, {"clair-fallback": 1, "num-flagged": 0}
+        seconds = time.perf_counter() - t0
+        for u in uploads:
+            self.flag_history.setdefault(u.node_id, []).append(int(u.node_id in result.flagged))
+        benign = [u for u in uploads if u.node_id not in result.flagged]
+        metrics = self._metrics(result, uploads, seconds)
+        if not benign:
+            log(WARNING, "CLAIR flagged every client: round skipped")
+            return None, {**metrics, "clair-fallback": 1}
+        residual = 0.0
+        for u in benign:
+            self.refined[u.node_id], res = self._reproject_all(result.clients[u.node_id].refined, factor)
+            residual = max(residual, res)
+        new = weighted_mean_state([self.refined[u.node_id] for u in benign], self._weights(benign))
+        return new, {**metrics, "max-reprojection-residual": residual}
+
+    @staticmethod
+    def _metrics(result: ClairResult, uploads: list[Upload], seconds: float) -> dict[str, object]:
+        nids = [u.node_id for u in uploads]
+        return {"clair-fallback": 0, "num-flagged": len(result.flagged),
+                "flagged-node-ids": sorted(result.flagged), "node-ids": nids,
+                "votes": [float(result.clients[n].vote) for n in nids],
+                "scores": [float(result.clients[n].score) for n in nids],
+                "clair-seconds": float(seconds)}
