@@ -63,6 +63,25 @@ def _trimmed(cfg: RunConfig, num_nodes: int) -> Strategy:
     return _screened(FedTrimmedAvg(beta=beta, **_sampling(cfg)), cfg)  # type: ignore[arg-type]
 
 
+def _factorwise(cfg: RunConfig, name: str) -> Strategy:
+    """RoLoRA, FFA-LoRA or CLAIR-RoLoRA: one LoRA factor trained and uploaded per round."""
+    from strategies.ffa_lora import FFALoRA
+    from strategies.rolora import RoLoRA
+
+    kwargs = dict(_sampling(cfg), max_norm_ratio=cfg.max_norm_ratio)
+    if name == "rolora":
+        return RoLoRA(**kwargs)  # type: ignore[arg-type]
+    if name == "ffa-lora":
+        return FFALoRA(**kwargs)  # type: ignore[arg-type]
+    from strategies.clair_rolora import ClairRoLoRA  # imports cvxpy: only when asked for
+
+    kwargs["min_train_nodes"] = max(3, cfg.min_nodes)
+    kwargs["min_available_nodes"] = max(3, cfg.min_nodes)
+    lam: str | float = cfg.clair_lambda if cfg.clair_lambda == "auto" else float(cfg.clair_lambda)
+    return ClairRoLoRA(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, rank=cfg.clair_rank or None,
+                       solver=cfg.clair_solver, lam=lam, seed=cfg.seed, **kwargs)  # type: ignore[arg-type]
+
+
 BUILDERS: dict[str, Callable[[RunConfig, int], Strategy]] = {
     "fedavg": lambda c, n: _screened(FedAvg(**_sampling(c)), c),  # type: ignore[arg-type]
     "oracle": lambda c, n: _screened(FedAvg(**_sampling(c)), c),  # type: ignore[arg-type]
@@ -74,6 +93,9 @@ BUILDERS: dict[str, Callable[[RunConfig, int], Strategy]] = {
     "bulyan": lambda c, n: _krum_family(c, n, "bulyan"),
     "fedmedian": lambda c, n: _screened(FedMedian(**_sampling(c)), c),  # type: ignore[arg-type]
     "fedtrimmedavg": _trimmed,
+    "rolora": lambda c, n: _factorwise(c, "rolora"),
+    "ffa-lora": lambda c, n: _factorwise(c, "ffa-lora"),
+    "clair-rolora": lambda c, n: _factorwise(c, "clair-rolora"),
 }
 
 
