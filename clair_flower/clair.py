@@ -40,7 +40,7 @@ from clair_flower.decomposition import (
 )
 from clair_flower.lora import LoraFactors
 from clair_flower.refinement import POLICIES, refine_module
-from clair_flower.solvers import FORMS, SolveResult, solve
+from clair_flower.solvers import FORMS, SolveResult, solve, svd_of
 
 ClientId = Hashable
 
@@ -245,17 +245,37 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, n
     problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
     t_red = time.perf_counter() - t0
     res, info = _solve_path(problem, cfg, n)
-    r_hat = cfg.rank if cfg.rank is not None else gap_rank(res.L_sv)
-    r_hat = min(r_hat, res.L_left.shape[1]) if res.L_left.shape[1] else r_hat
-    Ut = res.L_left[:, :r_hat]
-    U = problem.lift_left(Ut.astype(problem.left.dtype) if problem.left is not None else Ut)
-    U = np.linalg.qr(np.asarray(U, dtype=np.float64))[0]
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+    k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
+    L_left = res.L_left[:, :k]
+    L_right = L_left.T @ res.L.astype(np.float64)  # L = L_left @ L_right, kept low-rank
     diag = {"solver": res.solver, "form": cfg.form, "status": res.status, "iterations": res.iterations,
             "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
-            "singular_values": [float(s) for s in res.L_sv[: max(r_hat + 5, 10)]], **info, **problem.info}
+            "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}
     inform = detection.informative_pairs(problem.block_norms)
-    return {"U": U, "rank": int(r_hat), "diagnostics": diag, "informative": inform}, ev
+    return {"problem": problem, "L_left": L_left, "L_right": L_right, "diagnostics": diag,
+            "informative": inform}, ev
+
+
+def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np.ndarray, int, np.ndarray]:
+    """Step 3: ``U_hat`` from the blocks of ``L_hat`` whose pairs are both collaborative.
+
+    Pairs touching a contaminated client do not cancel the common component ``C``, so ``L_hat``
+    may carry its direction there; restricted to collaborative pairs it lies in ``span(U)`` in
+    the model. ``r_hat`` is ``rank`` or the largest singular-value gap of that restriction.
+    """
+    problem: BlockProblem = out["problem"]
+    off = problem.offsets
+    cols = np.concatenate([np.arange(off[i], off[i + 1]) for i in np.flatnonzero(benign_pairs)] or [np.zeros(0, int)])
+    if cols.size == 0:  # no collaborative pair: fall back to all of L
+        cols = np.arange(off[-1])
+    Lb = out["L_left"] @ out["L_right"][:, cols]
+    u, s = svd_of(Lb)
+    r_hat = rank if rank is not None else gap_rank(s)
+    r_hat = max(1, min(r_hat, u.shape[1]))
+    Ut = u[:, :r_hat]
+    U = problem.lift_left(Ut.astype(problem.left.dtype) if problem.left is not None else Ut)
+    return np.linalg.qr(np.asarray(U, dtype=np.float64))[0], int(r_hat), s
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -293,6 +313,7 @@ def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]]
     combined = detection.combine_modules(evidence)
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
+    _set_subspaces(mod_out, modules, pairs, flagged, cfg.rank)
     z_scores = None
     if cfg.in_subspace_stage:
         cand = [i for i in range(n) if not flagged[i]]
@@ -305,6 +326,7 @@ def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]]
     collab = [i for i in range(n) if not flagged[i]]
     if not collab:
         raise RuntimeError("CLAIR flagged every client; no collaborative set to aggregate")
+    _set_subspaces(mod_out, modules, pairs, flagged, cfg.rank)
     refined: dict = {c: {} for c in cids}
     errors: dict = {c: {} for c in cids}
     consensus: dict[str, LoraFactors] = {}
@@ -335,6 +357,16 @@ def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]]
             "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage}
     return ClairResult(frozenset(c for c in cids if c not in flagged_ids), flagged_ids, clients, consensus,
                        modules_rep, diag)
+
+
+def _set_subspaces(mod_out: dict, modules, pairs, flagged: np.ndarray, rank: int | None) -> None:
+    """Fill ``U``/``rank`` of every module from the pairs among non-flagged clients."""
+    benign = np.array([not (flagged[k] or flagged[l]) for k, l in pairs])
+    for m in modules:
+        U, r_hat, s = _subspace(mod_out[m], benign, rank)
+        mod_out[m]["U"], mod_out[m]["rank"] = U, r_hat
+        mod_out[m]["diagnostics"]["subspace_singular_values"] = [float(x) for x in s[: max(r_hat + 5, 10)]]
+        mod_out[m]["diagnostics"]["rank"] = r_hat
 
 
 def _reason(i: int, votes: detection.Votes, flagged: np.ndarray) -> str:

@@ -161,9 +161,10 @@ def block_norms(Y: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(np.add.reduceat(col, off), 0.0)) if Y.shape[1] else np.zeros(0)
 
 
-def _normalise(X: np.ndarray, n_pairs: int) -> float:
+def _normalise(X: np.ndarray, n_pairs: int, ref: float) -> float:
+    """``alpha`` with ``||alpha X||_F = sqrt(|P|)``; ``ref`` is the RMS update norm times sqrt(|P|)."""
     nrm = float(np.linalg.norm(X))
-    if nrm == 0.0:
+    if nrm <= 1e-9 * ref or nrm == 0.0:
         raise ValueError("all pairwise differences are zero: every client uploaded the same update")
     return math.sqrt(n_pairs) / nrm
 
@@ -174,7 +175,8 @@ def dense_problem(cf: ClientFactors, pairs: Sequence[Pair]) -> BlockProblem:
     X = np.concatenate([dense[k] - dense[l] for k, l in pairs], axis=1)
     q = dense[0].shape[1]
     widths = np.full(len(pairs), q, dtype=int)
-    alpha = _normalise(X, len(pairs))
+    ref = math.sqrt(np.mean([np.sum(d**2) for d in dense]) * len(pairs))
+    alpha = _normalise(X, len(pairs), ref)
     X *= alpha
     return BlockProblem(X, widths, list(pairs), alpha, block_norms(X, widths))
 
@@ -238,7 +240,10 @@ def reduced_problem(
             rights.append(T.T @ Aall[idx].astype(np.float64))
     X = np.concatenate(blocks, axis=1) if blocks else np.zeros((F.shape[0], 0))
     widths_arr = np.asarray(widths, dtype=int)
-    alpha = _normalise(X, len(pairs))
+    energy = [float(np.sum((F[:, off[k] : off[k + 1]].T @ F[:, off[k] : off[k + 1]]) * GA[off[k] : off[k + 1], off[k] : off[k + 1]]))
+              for k in range(cf.n)]  # ||B_k A_k||_F^2 = tr(B^T B A A^T), from the Grams
+    ref = math.sqrt(max(np.mean(energy), 0.0) * len(pairs))
+    alpha = _normalise(X, len(pairs), ref)
     X *= alpha
     work = np.float32 if dtype == np.float32 else np.float64
     X = X.astype(work, copy=False)
