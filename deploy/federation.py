@@ -290,6 +290,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (tells a reused pid from the process we saw)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -318,12 +326,27 @@ class Started:
     log: Path
 
 
+def become_subreaper() -> bool:
+    """Linux: orphaned descendants (the detached SuperExec processes) re-parent to this process
+    instead of init, so ``ProcessGroup.stop`` can reap them rather than leave zombies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
 class ProcessGroup:
     """Processes this module started; ``stop()`` ends them and their descendants by pid."""
 
     def __init__(self) -> None:
+        become_subreaper()
         self.started: list[Started] = []
-        self._known: set[int] = set()
+        self._known: dict[int, str | None] = {}
 
     def start(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log: Path,
               cwd: Path | None = None) -> Started:
@@ -334,13 +357,19 @@ class ProcessGroup:
         fh.close()
         s = Started(name, proc, log)
         self.started.append(s)
-        self._known.add(proc.pid)
+        self._known[proc.pid] = _start_time(proc.pid)
         return s
 
     def snapshot(self) -> None:
         """Remember the current descendants (SuperExec, flwr-serverapp/clientapp run detached)."""
         for s in self.started:
-            self._known.update(descendants(s.proc.pid))
+            if s.proc.poll() is None:
+                for pid in descendants(s.proc.pid):
+                    self._known.setdefault(pid, _start_time(pid))
+
+    def _still_ours(self) -> list[int]:
+        """Known pids still alive and still the same process (not a reused pid)."""
+        return [p for p, t in self._known.items() if _alive(p) and _start_time(p) == t]
 
     def check_alive(self) -> None:
         for s in self.started:
@@ -350,7 +379,8 @@ class ProcessGroup:
 
     def stop(self, grace: float = 10.0) -> None:
         self.snapshot()
-        roots = [s.proc.pid for s in reversed(self.started)]  # SuperNodes before the SuperLink
+        # SuperNodes (and flwr run) before the SuperLink
+        roots = [s.proc.pid for s in reversed(self.started) if s.proc.poll() is None]
         _signal(roots, signal.SIGTERM)
         deadline = time.time() + grace
         for s in self.started:
@@ -358,17 +388,23 @@ class ProcessGroup:
                 s.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        others = [p for p in self._known if p not in roots and _alive(p)]
-        _signal(others, signal.SIGTERM)
+        _signal([p for p in self._still_ours() if p not in roots], signal.SIGTERM)
         deadline = time.time() + 3.0
-        while time.time() < deadline and any(_alive(p) for p in self._known):
+        while time.time() < deadline and self._still_ours():
             time.sleep(0.2)
-        _signal([p for p in self._known if _alive(p)], signal.SIGKILL)
+        _signal(self._still_ours(), signal.SIGKILL)
         for s in self.started:
             try:
                 s.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        ours = {s.proc.pid for s in self.started}
+        for pid in self._known:  # descendants re-parented to us: reap them (only those pids)
+            if pid not in ours:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -516,6 +552,7 @@ class LocalFederation:
         t0 = time.time()
         stream = self.procs.start("flwr-run", cmd, self.env, log, cwd=self.app_dir)
         run_id = status = None
+        last_poll = 0.0
         try:
             while time.time() - t0 < timeout:
                 if stream.proc.poll() is not None:
@@ -528,7 +565,8 @@ class LocalFederation:
                     if status is None or status.startswith("finished"):
                         time.sleep(1.0)
                         break
-                elif run_id is not None and int(time.time() - t0) % 5 == 0:
+                elif run_id is not None and time.time() - last_poll > 5.0:
+                    last_poll = time.time()
                     status = self.run_status(run_id)
                     if status and status.startswith("finished"):
                         break
@@ -590,7 +628,8 @@ def print_commands(spec: FederationSpec, app_dir: str = ".", run_config: str = "
     out += ["# machine running flwr: $FLWR_HOME/config.toml (default ~/.flwr/config.toml)",
             "cat >> \"${FLWR_HOME:-$HOME/.flwr}/config.toml\" <<'EOF'",
             f"[superlink.{CONNECTION}]", f'address = "{spec.address}"',
-            "insecure = true" if spec.tls is None else f'root-certificates = "{spec.tls.ca_cert}"',
+            "insecure = true" if spec.tls is None
+            else f'root-certificates = "{spec.tls.ca_cert.resolve()}"  # must be an absolute path',
             "EOF", ""]
     if spec.auth:
         out += ["# register every SuperNode's public key with the SuperLink (before the nodes start)"]
@@ -599,7 +638,9 @@ def print_commands(spec: FederationSpec, app_dir: str = ".", run_config: str = "
         out += [f"# SuperNode {i} (its own host, or its own --port on a shared host)"
                 + (" -- contaminated" if i in spec.contaminated else ""), q(_plain(spec.supernode_cmd(i)))]
     out += ["", "# run the app (from the project directory)",
-            q(["flwr", "run", app_dir, CONNECTION, "--stream"] + (["--run-config", run_config] if run_config else []))]
+            q(["flwr", "run", app_dir, CONNECTION, "--stream"])
+            + (f' --run-config "{run_config}"' if run_config and '"' not in run_config
+               else (" --run-config " + shlex.quote(run_config) if run_config else ""))]
     return "\n".join(out)
 
 

@@ -1,0 +1,1 @@
+"""Deployment helpers: real SuperLink / SuperNodes (see deploy/README.md)."""
