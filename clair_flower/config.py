@@ -192,6 +192,12 @@ def task_config(cfg: RunConfig) -> TaskConfig:
                       dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
 
 
+def base_task_config(cfg: RunConfig) -> TaskConfig:
+    """The task the base model is pre-trained on: independent of the run seed, so every
+    seed of an experiment fine-tunes the same base model (pre-trained once, cached)."""
+    return dataclasses.replace(task_config(cfg), seed=0)
+
+
 def model_config(cfg: RunConfig) -> ModelConfig:
     from clair_flower.model import ModelConfig
 

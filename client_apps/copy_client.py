@@ -21,7 +21,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clair_flower import attacks
-from clair_flower.config import RunConfig, attack_config, lora_spec, model_config, task_config, train_config
+from clair_flower.config import RunConfig, attack_config, base_task_config, lora_spec, model_config, task_config, train_config
 from clair_flower.model import load_base_model, wrap_lora
 from clair_flower.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
 from clair_flower.task import NUM_SPECIAL, ClientData, encode, make_client_data
@@ -46,7 +46,7 @@ def run_config(context: Context) -> RunConfig:
 
 @functools.lru_cache(maxsize=2)
 def _base_model(cfg: RunConfig):  # noqa: ANN202 - a transformers model
-    return load_base_model(model_config(cfg), task_config(cfg))
+    return load_base_model(model_config(cfg), base_task_config(cfg))
 
 
 def partition(context: Context) -> tuple[int, int]:

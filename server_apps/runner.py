@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from clair_flower.config import RunConfig, lora_spec, model_config, task_config
+from clair_flower.config import RunConfig, base_task_config, lora_spec, model_config
 from clair_flower.model import load_base_model, wrap_lora
 from clair_flower.peft_io import get_adapter_arrays
 from clair_flower.results import RunWriter
@@ -40,7 +40,7 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
 
 def initial_adapter(cfg: RunConfig) -> dict[str, np.ndarray]:
     """The adapter every client starts from: fresh LoRA on the cached base model."""
-    model = wrap_lora(load_base_model(model_config(cfg), task_config(cfg)), lora_spec(cfg), seed=cfg.seed)
+    model = wrap_lora(load_base_model(model_config(cfg), base_task_config(cfg)), lora_spec(cfg), seed=cfg.seed)
     return get_adapter_arrays(model)
 
 
