@@ -87,6 +87,9 @@ class RunConfig:
         _one_of("model-arch", self.model_arch, MODEL_ARCHS)
         _one_of("clair-solver", self.clair_solver, CLAIR_SOLVERS)
         _one_of("clair-policy", self.clair_policy, CLAIR_POLICIES)
+        from clair_flower.attacks import ATTACKS
+
+        _one_of("attack", self.attack, ATTACKS)
         for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
                     "model-layers", "model-width", "model-heads", "lora-rank", "local-steps",
                     "batch-size", "attack-start-round", "min-nodes"):
