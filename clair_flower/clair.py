@@ -96,6 +96,8 @@ class ClientReport:
     truncation_error: dict[str, float]
     reason: str = ""
     in_subspace_z: float | None = None
+    clean_vote: float = 0.0
+    """Flagged fraction of the pairs whose partner is not flagged (the decision statistic)."""
 
 
 @dataclass
@@ -343,9 +345,11 @@ def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]]
     for i, c in enumerate(active):
         clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],
                                   errors[c], reason=_reason(i, votes, flagged),
-                                  in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]))
+                                  in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]),
+                                  clean_vote=float(votes.clean_vote[i]))
     for c in zero:
-        clients[c] = ClientReport(1.0, float("inf"), True, refined[c], errors[c], reason="all-zero update")
+        clients[c] = ClientReport(1.0, float("inf"), True, refined[c], errors[c], reason="all-zero update",
+                                  clean_vote=1.0)
     flagged_ids = frozenset(c for c in cids if clients[c].flagged)
     modules_rep = {m: ModuleReport(mod_out[m]["U"], mod_out[m]["rank"], mod_out[m]["diagnostics"]) for m in modules}
     statuses = sorted({modules_rep[m].diagnostics["status"] for m in modules})

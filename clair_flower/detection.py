@@ -8,9 +8,10 @@
   Averaging dilutes an attack confined to a few modules of many: documented limitation.
 * Votes: pairs whose difference is numerically zero (``||M_kl|| <= 1e-9`` block scale, e.g. two
   colluders uploading the same update) carry no evidence and are left out of both the vote and the
-  consistency check. ``vote_k`` = flagged fraction of client k's informative pairs; the client is
-  flagged when ``vote_k > vote_threshold``; the continuous ``score_k`` is the mean ``e_kl`` over
-  its informative pairs.
+  consistency check. ``vote_k`` = flagged fraction of client k's informative pairs; the
+  continuous ``score_k`` is the mean ``e_kl`` over them. The decision uses the majority over the
+  pairs whose partner is not itself flagged (``clean_vote``, iterated from the plain majority; see
+  :func:`majority_vote`): needed for sampled pair sets, identical to the plain vote otherwise.
 * In-subspace second stage (optional, DESIGN "Known blind spot"): the off-subspace test cannot see
   attacks inside ``span(U)`` (sign flip, scaling, IPM). On the coefficients ``c_k = U^T dW_k`` of
   the clients still in the collaborative set, a robust z-score of ``||c_k - median_j c_j||``
@@ -53,31 +54,55 @@ def combine_modules(evidence: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Votes:
-    """Per-client outcome of the majority vote (indices are client positions)."""
+    """Per-client outcome of the vote (indices are client positions)."""
 
     vote: np.ndarray
+    """Plain vote: flagged fraction of the client's informative pairs."""
     score: np.ndarray
     flagged: np.ndarray
     pair_flags: np.ndarray
+    clean_vote: np.ndarray
+    """Vote over the pairs whose partner is not flagged (the decision statistic)."""
+
+
+def _fractions(pairs, n, pf, values, use) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cnt, tot, ssum = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i, (k, l) in enumerate(pairs):
+        for c, other in ((k, l), (l, k)):
+            if use(i, other):
+                tot[c] += 1
+                cnt[c] += pf[i]
+                ssum[c] += values[i]
+    frac = np.divide(cnt, tot, out=np.zeros(n), where=tot > 0)
+    mean = np.divide(ssum, tot, out=np.zeros(n), where=tot > 0)
+    return frac, mean, tot
 
 
 def majority_vote(
     pairs: Sequence[Pair], n: int, evidence: np.ndarray, informative: np.ndarray,
-    flag_threshold: float, vote_threshold: float = 0.5,
+    flag_threshold: float, vote_threshold: float = 0.5, max_rounds: int = 10,
 ) -> Votes:
-    """Flag pairs by ``evidence > flag_threshold``; flag clients by majority of their pairs."""
+    """Flag pairs by ``evidence > flag_threshold``, then clients by majority.
+
+    Start from the plain majority vote; then, until it stops changing, re-vote each client over
+    only the pairs whose partner is currently not flagged (a pair is flagged when *either* end is
+    contaminated, so a benign client whose sampled partners happen to be mostly contaminated
+    would otherwise lose a plain vote). A client with no such pair keeps its plain vote. With
+    all pairs and a contaminated minority both votes give the same set; with a sampled pair set
+    only the second is reliable.
+    """
     pf = (evidence > flag_threshold) & informative
-    cnt, tot, ssum = np.zeros(n), np.zeros(n), np.zeros(n)
-    for i, (k, l) in enumerate(pairs):
-        if not informative[i]:
-            continue
-        for c in (k, l):
-            tot[c] += 1
-            cnt[c] += pf[i]
-            ssum[c] += evidence[i]
-    vote = np.divide(cnt, tot, out=np.zeros(n), where=tot > 0)
-    score = np.divide(ssum, tot, out=np.zeros(n), where=tot > 0)
-    return Votes(vote, score, vote > vote_threshold, pf)
+    vote, score, _ = _fractions(pairs, n, pf, evidence, lambda i, o: informative[i])
+    flagged = vote > vote_threshold
+    clean = vote
+    for _ in range(max_rounds):
+        cv, _, tot = _fractions(pairs, n, pf, evidence, lambda i, o: informative[i] and not flagged[o])
+        clean = np.where(tot > 0, cv, vote)
+        new = clean > vote_threshold
+        if np.array_equal(new, flagged):
+            break
+        flagged = new
+    return Votes(vote, score, flagged, pf, clean)
 
 
 def consistency(pairs: Sequence[Pair], pair_flags: np.ndarray, flagged: np.ndarray,

@@ -64,12 +64,14 @@ def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequ
 
 def refine_module(
     B: Sequence[np.ndarray], A: Sequence[np.ndarray], scalings: Sequence[float], U: np.ndarray,
-    collaborative: Sequence[int], policy: str = "consensus",
+    collaborative: Sequence[int], policy: str = "consensus", z_rank: int | None = None,
 ) -> tuple[list[LoraFactors], list[float], LoraFactors]:
     """Refined factors (at each client's own rank) and truncation errors for one module.
 
     ``B[k]`` carries the scaling (``dW_k = B[k] @ A[k]``); ``scalings[k]`` is divided back out.
-    Returns ``(refined per client, truncation error per client, consensus at the max rank)``.
+    ``z_rank`` is the number of terms of ``Z`` kept (default ``r_max + r_hat``; larger is exact
+    in more cases and costs more). Returns ``(refined per client, truncation error per client,
+    consensus at the max rank)``.
     """
     if policy not in POLICIES:
         raise ValueError(f"flagged_policy must be one of {POLICIES}, got {policy!r}")
@@ -80,7 +82,7 @@ def refine_module(
     Bm, Am = mean_factors(B, A, members)
     Uw = U.astype(dtype)
     Z = lowrank_svd(Bm - Uw @ (Uw.T @ Bm), Am)
-    t = min(Z.s.size, r_max + U.shape[1])
+    t = min(Z.s.size, r_max + U.shape[1] if z_rank is None else z_rank)
     Uz, Zright = Z.left[:, :t], Z.s[:t, None].astype(dtype) * Z.right[:t]
     z_tail2 = float(np.sum(Z.s[t:] ** 2))
     left = np.concatenate([Uw, Uz], axis=1)

@@ -75,6 +75,7 @@ def make_instance(
     attack_strength: float = 3.0,
     alpha: float = 16.0,
     seed: int = 0,
+    shared_mean: float = 0.0,
 ) -> SyntheticInstance:
     """Draw one instance of the synthetic model.
 
@@ -88,10 +89,15 @@ def make_instance(
     attack
         ``random`` (independent random rank-r updates of the benign norm), ``colluders`` (all
         contaminated clients upload one identical random update), ``sign_flip`` and ``scale``
-        (of the client's own benign update, in-subspace), ``ipm`` (``-attack_strength/10`` times
+        (of the client's own coefficients ``V_k`` on ``U``: the update stays in the benign model's
+        span, the DESIGN's blind spot), ``ipm`` (``-attack_strength/10`` times
         the benign mean).
     client_ranks
         Per-client LoRA rank (heterogeneous ranks); default ``common+shared+noise`` ranks.
+    shared_mean
+        ``V_k = shared_mean * V_bar + V'_k``: a task direction common to benign clients inside
+        ``span(U)``. With the default 0 the coefficients are zero-mean, so a sign flip of them
+        is statistically invisible; in-subspace tests need a non-zero mean.
     """
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
@@ -108,9 +114,10 @@ def make_instance(
         CB = rng.standard_normal((p, common_rank))
         CA = rng.standard_normal((common_rank, q)) / np.sqrt(q)
         Us[name] = U
+        Vbar = rng.standard_normal((q, shared_rank)) / np.sqrt(q) if shared_mean else 0.0
         benign: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for k in range(n_clients):
-            V = rng.standard_normal((q, shared_rank)) / np.sqrt(q)
+            V = shared_mean * Vbar + rng.standard_normal((q, shared_rank)) / np.sqrt(q)
             Bk, Ak = np.concatenate([CB, U], 1), np.concatenate([CA, V.T], 0)
             clean[k][name] = Bk @ Ak
             if noise > 0:
@@ -133,10 +140,10 @@ def make_instance(
                     Bk *= mean_norm / np.linalg.norm(Bk @ Ak)
                 elif attack == "colluders":
                     Bk, Ak = coll[0].copy(), coll[1].copy()
-                elif attack == "sign_flip":
-                    Bk = -Bk
-                elif attack == "scale":
-                    Bk = attack_strength * Bk
+                elif attack in ("sign_flip", "scale"):
+                    Ak = Ak.copy()  # in-subspace: only the coefficients on U change
+                    rows = slice(common_rank, common_rank + shared_rank)
+                    Ak[rows] *= -1.0 if attack == "sign_flip" else attack_strength
                 elif attack == "ipm":
                     good = [benign[j] for j in range(n_clients) if j not in bad]
                     Bk = np.concatenate([b for b, _ in good], 1) * (-attack_strength / 10 / len(good))
