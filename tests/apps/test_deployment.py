@@ -8,11 +8,14 @@ Every process started is stopped by pid when the federation's context exits, pas
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
-from deploy.federation import LocalFederation, app_config_keys, run_config_string, tail
+from deploy.federation import LocalFederation, app_config_keys, free_port, generate_node_keys, run_config_string, tail
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +24,24 @@ ROUNDS = 2
 
 @pytest.fixture(scope="module")
 def warm_model_cache(_model_cache):  # noqa: ANN001, ANN201 - the session cache from conftest
-    """Pre-train the base model once, here, so no ServerApp/ClientApp process does it."""
+    """Pre-train the base model once, here, so no ServerApp/ClientApp process does it.
+
+    The federation's processes inherit ``CLAIR_FLOWER_CACHE`` (the session cache). If the
+    user-level cache (``~/.cache/clair-flower``) already holds the same weights (the file
+    name is a hash of every field that changes them), they are copied instead of
+    pre-training again, which takes minutes on a busy 2-core machine.
+    """
     from clair_flower.config import RunConfig, model_config, task_config
-    from clair_flower.model import load_base_model
+    from clair_flower.model import cache_path, load_base_model
 
     cfg = RunConfig()
-    load_base_model(model_config(cfg), task_config(cfg))
+    target = cache_path(model_config(cfg), task_config(cfg), _model_cache)
+    user = cache_path(model_config(cfg), task_config(cfg), Path.home() / ".cache" / "clair-flower")
+    if not target.exists() and user.exists() and user != target:
+        tmp = target.with_suffix(".copying")
+        shutil.copyfile(user, tmp)
+        os.replace(tmp, target)
+    load_base_model(model_config(cfg), task_config(cfg), cache_dir=_model_cache)
     return _model_cache
 
 
@@ -50,6 +65,18 @@ def test_real_deployment(mode: str, tmp_path, warm_model_cache) -> None:  # noqa
             assert fed.spec.tls is not None and fed.spec.tls.ca_cert.exists()
             assert "root-certificates" in (fed.flwr_home / "config.toml").read_text()
         res = fed.run_app(small_run_config(str(out)), timeout=240, done=out / "summary.json")
+        if secure:  # a SuperNode whose public key was never registered is refused
+            (rogue_key, _), = generate_node_keys(tmp_path / "rogue", 1)
+            cmd = fed.spec.supernode_cmd(0)
+            cmd[cmd.index("--auth-supernode-private-key") + 1] = str(rogue_key)
+            cmd[cmd.index("--port") + 1] = str(free_port())
+            rogue = fed.procs.start("rogue-supernode", cmd, fed.env, fed.logs / "rogue.log")
+            try:
+                rogue.proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - reported by the assert below
+                pass
+            assert rogue.proc.returncode not in (None, 0), tail(rogue.log)
+            assert "Failed to activate SuperNode" in rogue.log.read_text()
         logs = "\n".join(f"--- {s.name}\n{tail(s.log, 30)}" for s in fed.procs.started)
         roots = [s.proc for s in fed.procs.started]
     # after the context: every process we started is gone
