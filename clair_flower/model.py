@@ -43,10 +43,10 @@ class ModelConfig:
 
     arch: str = "gpt2"
     n_layer: int = 2
-    n_embd: int = 64
+    n_embd: int = 128
     n_head: int = 4
     max_positions: int = 64
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 64
     pretrain_weight_decay: float = 0.0

@@ -1,0 +1,85 @@
+"""Adapter arrays in and out of a PEFT model, validated before anything is written."""
+
+import numpy as np
+import pytest
+import torch
+
+from clair_flower.model import LoraSpec, ModelConfig, build_model, wrap_lora
+from clair_flower.peft_io import (
+    AdapterMismatchError, adapter_template, get_adapter_arrays, set_adapter_arrays,
+)
+from clair_flower.task import TaskConfig
+
+TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request):
+    cfg = ModelConfig(arch=request.param, n_layer=1, n_embd=16, n_head=2, max_positions=16)
+    return wrap_lora(build_model(cfg, TASK), LoraSpec(rank=2), seed=0)
+
+
+def test_arrays_are_float32_peft_keys(model):
+    arrays = get_adapter_arrays(model)
+    assert arrays and all(v.dtype == np.float32 for v in arrays.values())
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in arrays)
+    assert {k: v.shape for k, v in arrays.items()} == adapter_template(model)
+
+
+def test_round_trip(model):
+    rng = np.random.default_rng(0)
+    new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+    set_adapter_arrays(model, new)
+    got = get_adapter_arrays(model)
+    assert all(np.array_equal(got[k], new[k]) for k in new)
+
+
+def test_float64_accepted(model):
+    arrays = {k: v.astype(np.float64) for k, v in get_adapter_arrays(model).items()}
+    set_adapter_arrays(model, arrays)
+
+
+def _bad_inputs(arrays):
+    key = sorted(arrays)[0]
+    missing = dict(arrays)
+    del missing[key]
+    yield "missing", missing, key
+    yield "extra", {**arrays, "base_model.bogus.lora_A.weight": np.zeros((2, 2), np.float32)}, "bogus"
+    shape = dict(arrays)
+    shape[key] = np.zeros(arrays[key].shape[::-1] + (1,), np.float32)
+    yield "shape", shape, key
+    nan = dict(arrays)
+    nan[key] = arrays[key].copy()
+    nan[key].flat[0] = np.nan
+    yield "nan", nan, key
+    inf = dict(arrays)
+    inf[key] = arrays[key].copy()
+    inf[key].flat[0] = np.inf
+    yield "inf", inf, key
+    yield "int", {**arrays, key: arrays[key].astype(np.int64)}, key
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "shape", "nan", "inf", "int"])
+def test_rejects_bad_input_without_touching_model(model, case):
+    before = get_adapter_arrays(model)
+    bad = {k: v + 1.0 for k, v in before.items()}
+    name, arrays, key = next(c for c in _bad_inputs(bad) if c[0] == case)
+    with pytest.raises(AdapterMismatchError) as err:
+        set_adapter_arrays(model, arrays)
+    assert isinstance(err.value, ValueError)
+    assert key in str(err.value)
+    if case == "shape":
+        assert str(tuple(before[key].shape)) in str(err.value)
+        assert str(tuple(arrays[key].shape)) in str(err.value)
+    after = get_adapter_arrays(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_non_strict_allows_partial_update(model):
+    arrays = get_adapter_arrays(model)
+    b_only = {k: np.ones_like(v) for k, v in arrays.items() if ".lora_B." in k}
+    set_adapter_arrays(model, b_only, strict=False)
+    got = get_adapter_arrays(model)
+    for k, v in arrays.items():
+        expected = np.ones_like(v) if ".lora_B." in k else v
+        assert np.array_equal(got[k], expected)
