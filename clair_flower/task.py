@@ -42,7 +42,7 @@ class TaskConfig:
     vocab_size: int = 32
     min_len: int = 4
     max_len: int = 8
-    num_train: int = 32
+    num_train: int = 16
     num_test: int = 128
     dirichlet_alpha: float = 0.5
     pretrain_vocab_fraction: float = 0.5
