@@ -159,3 +159,51 @@ def summary_markdown(summary: Mapping[str, object]) -> str:
         for r in rounds:  # type: ignore[union-attr]
             lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+# -- tables shared by experiment reports (Flower-free) ----------------------------------------
+
+def format_cell(value: object, digits: int = 3) -> str:
+    """One table cell: floats to ``digits`` places, missing or NaN as ``-``.
+
+    Reports compare many runs side by side, so every number gets the same precision.
+    """
+    value = _clean(value)
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table; numbers right-aligned so columns read easily."""
+    numeric = [all(isinstance(_clean(r[i]), (int, float)) or _clean(r[i]) is None for r in rows) and rows
+               for i in range(len(header))]
+    align = ["---:" if num else "---" for num in numeric]
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "| " + " | ".join(align) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(v, digits) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> None:
+    """One row per mapping, ``columns`` in order; NaN and missing values are empty cells.
+
+    Written atomically like every other results file, so a re-run never leaves half a CSV.
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        cells = []
+        for col in columns:
+            v = _clean(row.get(col))
+            cells.append("" if v is None else (" ".join(str(x) for x in v) if isinstance(v, list) else v))
+        writer.writerow(cells)
+    write_atomic(path, buf.getvalue())
