@@ -657,6 +657,14 @@ def compare_flwr(cells: Sequence[Cell], out: Path, emit: Callable[[str], None] =
 
 # -- command line ----------------------------------------------------------------------------------
 
+def quiet_flower() -> None:
+    """Keep only Flower's warnings: a grid's progress lines are the log that matters.
+
+    A filter, not ``setLevel``: Flower sets its logger's level again when its modules load.
+    """
+    logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m server_apps.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("grid", help="grid file (TOML), e.g. configs/smoke.toml")
@@ -679,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        quiet_flower()
     t0 = time.time()
     if args.flwr:
         cells = [c for c in grid.cells if c.name in grid.flwr_cells]
