@@ -68,7 +68,8 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
-        for msg in messages:
+        # Node order fixed, so aggregation sums in the same order every run (bit-reproducible).
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             nid = msg.metadata.dst_node_id
             if self.drop is not None and self.drop(int(msg.metadata.group_id or 0), nid):
                 continue
