@@ -51,13 +51,13 @@ class RunConfig:
     vocab_size: int = 32
     min_len: int = 4
     max_len: int = 8
-    num_train: int = 32
-    num_test: int = 64
+    num_train: int = 16
+    num_test: int = 128
     dirichlet_alpha: float = 0.5
     # model
     model_arch: str = "gpt2"
     model_layers: int = 2
-    model_width: int = 64
+    model_width: int = 128
     model_heads: int = 4
     # LoRA
     lora_rank: int = 4
@@ -66,7 +66,7 @@ class RunConfig:
     use_rslora: bool = False
     # local training
     local_steps: int = 20
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-2
     batch_size: int = 16
     # contamination
     attack: str = "none"
