@@ -76,7 +76,7 @@ FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benig
                   "final-tpr", "final-fpr", "final-precision", "final-recall",
                   "mean-benign-token-acc", "mean-benign-exact-acc", "mean-tpr", "mean-fpr",
                   "total-bytes-up", "total-bytes-down", "mean-server-seconds-per-round",
-                  "total-server-seconds", "wall-seconds", "error")
+                  "total-server-seconds", "wall-seconds", "fallback-rounds", "error")
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,12 @@ def _mean(rounds: Sequence[Mapping[str, object]], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def fallback_rounds(rounds: Sequence[Mapping[str, object]]) -> int:
+    """Rounds in which a CLAIR strategy fell back (solver failure, everyone flagged):
+    its accuracy in those rounds is not CLAIR's, so the report must say so."""
+    return sum(1 for r in rounds if (r.get("train-metrics") or {}).get("clair-fallback"))  # type: ignore[union-attr]
+
+
 def cell_row(cell: Cell, out: Path) -> dict[str, object]:
     """One results.csv row, read back from the cell's files (so skipped cells report too)."""
     cell_dir = cell.out_dir(out)
@@ -251,6 +257,7 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "mean-server-seconds-per-round": summary.get("mean-server-seconds-per-round"),
         "total-server-seconds": sum(float(r.get("server-seconds") or 0.0) for r in rounds),
         "wall-seconds": summary.get("wall-seconds"),
+        "fallback-rounds": fallback_rounds(rounds),
         "rounds": [{k: r.get(k) for k in ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr")}
                    for r in rounds],
     })
@@ -444,11 +451,12 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
             parts.append(f"### CLAIR's gain over local vs r/p ({attack})\n\n"
                          + markdown_table(["lora-rank", "r/p", "clair - local (token acc)"],
                                           [[g[1], g[2], g[3]] for g in gains]) + "\n")
-    cost = [[x["cell"], x.get("wall-seconds"), x.get("total-server-seconds"), x.get("total-bytes-up")]
-            for x in _done(rows)]
+    cost = [[x["cell"], x.get("wall-seconds"), x.get("total-server-seconds"), x.get("total-bytes-up"),
+             x.get("fallback-rounds")] for x in _done(rows)]
     if cost:
-        parts.append("### Per-cell cost\n\n" + markdown_table(
-            ["cell", "wall s", "server s (total)", "bytes up (total)"], cost, digits=1) + "\n")
+        parts.append("### Per-cell cost (fallback rounds: CLAIR fell back instead of refining)\n\n"
+                     + markdown_table(["cell", "wall s", "server s (total)", "bytes up (total)", "fallback rounds"],
+                                      cost, digits=1) + "\n")
     bad = [x for x in rows if x.get("status") != "done"]
     if bad:
         parts.append("### Cells not done\n\n" + markdown_table(
