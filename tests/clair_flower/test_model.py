@@ -17,7 +17,7 @@ from clair_flower.task import TaskConfig, restricted_eval_set
 from clair_flower.training import evaluate
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4)
-TINY = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_positions=16, pretrain_steps=30, pretrain_batch=8)
+TINY = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_positions=16, pretrain_steps=10, pretrain_batch=8)
 
 
 def _same(a, b):
@@ -49,7 +49,7 @@ def test_cache_key_tracks_pretrain_fields(tmp_path):
     p = cache_path(TINY, TASK, tmp_path)
     assert p == cache_path(TINY, TaskConfig(vocab_size=8, min_len=2, max_len=4, num_train=3), tmp_path)
     assert p != cache_path(TINY, TaskConfig(vocab_size=8, min_len=2, max_len=4, seed=1), tmp_path)
-    assert p != cache_path(ModelConfig(**{**TINY.__dict__, "pretrain_steps": 31}), TASK, tmp_path)
+    assert p != cache_path(ModelConfig(**{**TINY.__dict__, "pretrain_steps": 11}), TASK, tmp_path)
     assert p.suffix == ".safetensors"
 
 
@@ -106,6 +106,7 @@ def _load_in_child(cache_dir, queue):
     queue.put({k: v.numpy().copy() for k, v in model.state_dict().items()})
 
 
+@pytest.mark.slow  # two spawned interpreters import torch: ~10 s idle, ~60 s on a loaded box
 def test_concurrent_loads_produce_one_valid_file(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
