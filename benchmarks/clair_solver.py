@@ -1,0 +1,168 @@
+"""CLAIR solver benchmark: reference vs fast, one LLM-sized module, a 7B-shaped round.
+
+Run ``python benchmarks/clair_solver.py`` (``--quick`` for smaller workloads). Prints one section
+per part and, as the LAST line, one JSON object with every figure:
+
+1. reference (cvxpy/SCS on the dense stack) vs fast (exact reduction + ADMM) on the same small
+   instance and the same ``lam``: times, ratio, relative differences of ``L`` and ``S`` (lifted
+   back to ``p x q|P|``), flags equal;
+2. the full fast path (``run_clair``, default config plus ``pairs="sampled"``) for N=50 clients,
+   rank 8, one 4096 x 4096 module (targets: < 1 s);
+3. a 7B-shaped round: N=100 clients, rank 16, 64 modules of 4096 x 4096, float32 factors generated
+   directly (never dense). Wall time and peak RSS (``resource.getrusage``) against the bytes of
+   the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes). With ``--max-seconds``
+   the round is cut after the modules that fit and the full time is extrapolated linearly per
+   module; the JSON says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clair_flower import detection  # noqa: E402
+from clair_flower.clair import ClairConfig, run_clair  # noqa: E402
+from clair_flower.decomposition import ClientFactors, all_pairs, dense_problem, lam_from_c, reduced_problem  # noqa: E402
+from clair_flower.solvers import solve  # noqa: E402
+from clair_flower.synthetic import make_instance, make_large_factors  # noqa: E402
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _flags(res, problem, n):
+    ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+    inf = detection.informative_pairs(problem.block_norms)
+    return detection.majority_vote(problem.pairs, n, ev, inf, 0.1).flagged
+
+
+def part_reference_vs_fast(n: int, p: int, form: str = "constrained") -> dict:
+    """Same instance, same lam: cvxpy/SCS on M vs the reduced fast solver."""
+    inst = make_instance(n_clients=n, p=p, q=p, shared_rank=2, frac_contaminated=0.25, noise=0.02, seed=3)
+    ids = sorted(inst.updates)
+    cf = ClientFactors([inst.updates[k]["m0"].scaling * inst.updates[k]["m0"].B for k in ids],
+                       [inst.updates[k]["m0"].A for k in ids])
+    pairs = all_pairs(n)
+    lam = lam_from_c(2.5, len(pairs))
+    dp = dense_problem(cf, pairs)
+    mu = 0.01 * float(np.linalg.norm(dp.X, 2))
+    t0 = time.perf_counter()
+    ref = solve(dp, lam, form, "reference", mu=mu)
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rp = reduced_problem(cf, pairs, keep_right=True)
+    fast = solve(rp, lam, form, "fast", mu=mu, tol=1e-9, max_iter=5000)
+    t_fast = time.perf_counter() - t0
+    L = rp.lift_blocks(fast.L) * dp.alpha
+    S = rp.lift_blocks(fast.S) * dp.alpha
+    return {
+        "n_clients": n, "p": p, "q": p, "form": form, "reference_status": ref.status,
+        "reference_seconds": t_ref, "fast_seconds": t_fast, "speedup": t_ref / t_fast,
+        "rel_diff_L": float(np.linalg.norm(L - ref.L) / np.linalg.norm(ref.L)),
+        "rel_diff_S": float(np.linalg.norm(S - ref.S) / max(np.linalg.norm(ref.S), 1e-300)),
+        "flags_equal": bool(np.array_equal(_flags(fast, rp, n), _flags(ref, dp, n))),
+        "reduced_shape": rp.info["reduced_shape"], "dense_shape": list(dp.X.shape),
+    }
+
+
+def part_one_module(n: int, shape: tuple[int, int], rank: int, cfg: ClairConfig) -> dict:
+    ups, U, bad = make_large_factors(n, shape, rank, shared_rank=4, seed=1)
+    updates = {k: {"layer.q_proj": f} for k, f in ups.items()}
+    t0 = time.perf_counter()
+    res = run_clair(updates, cfg)
+    wall = time.perf_counter() - t0
+    Uh = res.modules["layer.q_proj"].U
+    d = res.modules["layer.q_proj"].diagnostics
+    return {
+        "n_clients": n, "shape": list(shape), "rank": rank, "pairs": cfg.pairs, "wall_seconds": wall,
+        "exact_set": res.flagged == bad, "n_flagged": len(res.flagged), "n_contaminated": len(bad),
+        "sin_theta": float(np.linalg.norm(U - Uh @ (Uh.T @ U), 2)), "c": d["c"], "selection": d["selection"],
+        "solve_iterations": d["iterations_total"], "reduced_shape": d["reduced_shape"],
+        "reduce_seconds": d["reduce_seconds"],
+    }
+
+
+def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: ClairConfig,
+            max_seconds: float | None) -> dict:
+    """Generate all modules' float32 factors, then run CLAIR (on as many modules as fit)."""
+    t0 = time.perf_counter()
+    updates: dict[int, dict] = {k: {} for k in range(n)}
+    truth = {}
+    for m in range(n_modules):
+        ups, U, bad = make_large_factors(n, shape, rank, shared_rank=8, seed=100 + m)
+        for k, f in ups.items():
+            updates[k][f"layers.{m}.proj"] = f
+        truth[f"layers.{m}.proj"] = (U, bad)
+    gen = time.perf_counter() - t0
+    factor_bytes = sum(f.nbytes for mods in updates.values() for f in mods.values())
+    rss_before = peak_rss_bytes()
+    done, wall, exact = 0, 0.0, True
+    names = sorted(truth)
+    if max_seconds is None:
+        t0 = time.perf_counter()
+        res = run_clair(updates, cfg)
+        wall = time.perf_counter() - t0
+        done = n_modules
+        exact = res.flagged == truth[names[0]][1]
+    else:  # module by module (same pair set and seed) until the budget is spent
+        for name in names:
+            sub = {k: {name: updates[k][name]} for k in updates}
+            t0 = time.perf_counter()
+            res = run_clair(sub, cfg)
+            wall += time.perf_counter() - t0
+            done += 1
+            exact &= res.flagged == truth[name][1]
+            if wall > max_seconds:
+                break
+    per_module = wall / done
+    return {
+        "n_clients": n, "n_modules": n_modules, "shape": list(shape), "rank": rank, "pairs": cfg.pairs,
+        "generate_seconds": gen, "modules_run": done, "wall_seconds_measured": wall,
+        "wall_seconds_full": wall if done == n_modules else per_module * n_modules,
+        "extrapolated": done < n_modules, "seconds_per_module": per_module,
+        "factor_bytes": int(factor_bytes), "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_before_clair": rss_before, "rss_over_factor_bytes": peak_rss_bytes() / factor_bytes,
+        "exact_set_all_modules_run": bool(exact),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (minutes -> seconds)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="7B part: stop after this much CLAIR time and extrapolate per module")
+    ap.add_argument("--skip-7b", action="store_true")
+    args = ap.parse_args()
+    out: dict = {"quick": args.quick}
+    ref = part_reference_vs_fast(6 if args.quick else 8, 8 if args.quick else 10)
+    print("reference vs fast:", json.dumps(ref))
+    out["reference_vs_fast"] = ref
+    cfg = ClairConfig(pairs="sampled")
+    shape = (1024, 1024) if args.quick else (4096, 4096)
+    one = part_one_module(20 if args.quick else 50, shape, 8, cfg)
+    print("one module:", json.dumps(one))
+    out["one_module"] = one
+    if not args.skip_7b:
+        big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg, args.max_seconds)
+        print("7B-shaped:", json.dumps(big))
+        out["seven_b"] = big
+    out["targets"] = {
+        "speedup_ge_100": ref["speedup"] >= 100 and ref["rel_diff_L"] < 1e-3 and ref["flags_equal"],
+        "one_module_lt_1s": one["wall_seconds"] < 1.0,
+        "seven_b_lt_60s": out.get("seven_b", {}).get("wall_seconds_full", float("inf")) < 60,
+        "seven_b_rss_lt_2x": out.get("seven_b", {}).get("rss_over_factor_bytes", float("inf")) < 2,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
