@@ -12,7 +12,8 @@ projected on ``U`` plus the collaborative mean off ``U``, re-factored at its own
 Lambda selection (``lam="auto"``): on the normalised stack, ``lam = c / sqrt(|P|)`` for ``c`` on
 the geometric grid of :func:`~clair_flower.decomposition.lam_grid` (solved from large to small
 ``c``, warm-started, stopping at the first majority-flagged point once an admissible point was
-seen, since smaller ``c`` only moves more blocks into ``S``). A grid point is *admissible* when its flagged-pair pattern is explained by
+seen, since smaller ``c`` only moves more blocks into ``S``; path points are solved to ``PATH_TOL``
+and the chosen one is polished to ``tol``). A grid point is *admissible* when its flagged-pair pattern is explained by
 a client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.detection.consistency`) and the flagged clients are a strict minority. Among
 admissible points the one with the lowest effective rank of ``L`` (singular values above
@@ -44,6 +45,11 @@ from clair_flower.solvers import FORMS, SolveResult, solve, svd_of
 from clair_flower.solvers.fast import blas_threads
 
 ClientId = Hashable
+
+
+PATH_TOL = 1e-4
+"""Tolerance of the lambda-path solves; flags and effective ranks are stable far above it, and
+the chosen point is then polished to ``ClairConfig.tol``."""
 
 
 class ClairInputError(ValueError):
@@ -218,9 +224,10 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
         mu = cfg.penalty * float(np.linalg.norm(problem.X.astype(np.float64), 2))
     informative = detection.informative_pairs(problem.block_norms)
     path, results, warm = [], [], None
+    path_tol = cfg.tol if len(cs) == 1 or cfg.solver == "reference" else max(cfg.tol, PATH_TOL)
     for c in cs:
         lam = lam_from_c(c, len(pairs))
-        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol, max_iter=cfg.max_iter, warm=warm)
+        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=path_tol, max_iter=cfg.max_iter, warm=warm)
         warm = res if cfg.solver == "fast" else None
         ev = detection.pair_evidence(res.S_norms, problem.block_norms)
         v = detection.majority_vote(pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
@@ -230,6 +237,7 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
                      "n_flagged": nflag, "consistency": cons, "status": res.status,
                      "iterations": res.iterations, "admissible": cons >= 1 - cfg.consistency_tol and 2 * nflag < n})
         results.append(res)
+        _drop_dominated(path, results)
         if 2 * nflag >= n and any(p["admissible"] for p in path):
             break  # smaller c only moves more blocks into S: the rest of the path is inadmissible
     adm = [i for i, p in enumerate(path) if p["admissible"]]
@@ -242,9 +250,30 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
         how = "fallback" if len(cs) > 1 else "fixed"
     if len(cs) == 1 and adm:
         how = "fixed"
+    if path_tol > cfg.tol:  # polish the chosen point to full accuracy (warm start)
+        res = solve(problem, path[pick]["lam"], cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
+                    max_iter=cfg.max_iter, warm=results[pick])
+        path[pick]["iterations"] += res.iterations
+        results[pick] = res
     info = {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how, "path": path,
             "iterations_total": int(sum(p["iterations"] for p in path))}
     return results[pick], info
+
+
+def _drop_dominated(path: list[dict], results: list) -> None:
+    """Free the arrays of path points that can no longer be picked (memory at LLM sizes).
+
+    Once an admissible point exists, inadmissible points and admissible points with a worse
+    ``(effective rank, flagged count)`` key cannot win; only their metrics are kept.
+    """
+    adm = [i for i, p in enumerate(path) if p["admissible"]]
+    if not adm:
+        return
+    best = min((path[i]["effective_rank"], path[i]["n_flagged"]) for i in adm)
+    for i, p in enumerate(path):
+        key = (p["effective_rank"], p["n_flagged"])
+        if results[i] is not None and (not p["admissible"] or key != best):
+            results[i] = None
 
 
 def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, np.ndarray]:

@@ -32,6 +32,8 @@ class SolveResult:
     status: str
     seconds: float
     solver: str
+    state: dict | None = None
+    """Solver state for warm starts (ADMM: dual ``Y`` and penalty ``mu``)."""
 
 
 def svd_of(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -130,12 +130,14 @@ class _SVT:
 
 def admm_constrained(
     X: np.ndarray, widths: np.ndarray, lam: float, tol: float = 1e-7, max_iter: int = 2000,
-    warm: SolveResult | None = None,
+    warm: SolveResult | None = None, state: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Inexact ALM for ``min ||L||_* + lam sum ||S_kl||  s.t. L + S = X``.
 
-    Returns ``L, S, singular values of L, block norms of S, iterations, converged``.
+    Returns ``L, S, singular values of L, block norms of S, iterations, converged``; the final
+    dual and penalty are left in ``state`` for warm starts.
     """
+    state = {} if state is None else state
     normX = float(np.linalg.norm(X))
     norm2 = float(np.linalg.norm(X, 2)) if min(X.shape) <= DENSE_SVD_MAX else _top_sv(X)
     bn = block_norms(X, widths)
@@ -143,10 +145,14 @@ def admm_constrained(
     mu = 1.25 / norm2
     S = np.zeros_like(X) if warm is None else warm.S.astype(X.dtype)
     L = np.zeros_like(X) if warm is None else warm.L.astype(X.dtype)
+    if warm is not None and warm.state is not None and "Y" in warm.state:
+        Y, mu = warm.state["Y"].astype(X.dtype), float(warm.state["mu"])
     svt = _SVT()
     sv = np.zeros(0)
     s_norms = np.zeros(len(widths))
+    state.update(Y=Y, mu=mu)
     for it in range(1, max_iter + 1):
+        state.update(Y=Y, mu=mu)
         L, sv = svt(X - S + Y / mu, 1.0 / mu)
         S_old = S
         S, s_norms = _block_shrink(X - L + Y / mu, widths, lam / mu)
@@ -154,6 +160,7 @@ def admm_constrained(
         Y += mu * R
         primal = float(np.linalg.norm(R)) / normX
         dual = mu * float(np.linalg.norm(S - S_old)) / normX
+        state.update(Y=Y, mu=mu)
         if primal < tol and dual < tol:
             return L, S, sv, s_norms, it, True
         if primal > 5.0 * dual:  # residual balancing (Boyd et al. 2011, sec. 3.4.1)
@@ -221,12 +228,13 @@ def solve_fast(
     tol = max(tol, 50 * float(np.finfo(X.dtype).eps))  # float32 stacks cannot reach 1e-8
     threads = 1 if X.size <= SMALL_PROBLEM else (_BLAS[1]() if _BLAS else 0)
     with blas_threads(threads) if threads else _null():
-        L, S, sv, s_norms, it, ok, obj = _run(X, widths, lam, form, mu, tol, max_iter, warm)
+        state: dict = {}
+        L, S, sv, s_norms, it, ok, obj = _run(X, widths, lam, form, mu, tol, max_iter, warm, state)
         u, s = svd_of(L)
     return SolveResult(
         L=L, S=S, L_sv=s, L_left=u, S_norms=block_norms(S.astype(np.float64), widths),
         objective=obj, iterations=it, status="optimal" if ok else "max_iter",
-        seconds=time.perf_counter() - t0, solver="fast",
+        seconds=time.perf_counter() - t0, solver="fast", state=state or None,
     )
 
 
@@ -235,10 +243,10 @@ def _null():
     yield
 
 
-def _run(X, widths, lam, form, mu, tol, max_iter, warm):
+def _run(X, widths, lam, form, mu, tol, max_iter, warm, state):
     """The chosen first-order method; returns ``L, S, sv, S norms, iterations, converged, obj``."""
     if form == "constrained":
-        L, S, sv, s_norms, it, ok = admm_constrained(X, widths, lam, tol, max_iter, warm)
+        L, S, sv, s_norms, it, ok = admm_constrained(X, widths, lam, tol, max_iter, warm, state)
         obj = objective_constrained(sv, s_norms, lam)
     else:
         if mu is None:
