@@ -58,6 +58,7 @@ DEFAULT_OUT = ROOT / "outputs" / "experiments"
 CELLS_DIR = "cells"
 FLWR_DIR = "flwr"
 ERROR_FILE = "error.txt"
+TIMING_FILE = "cell-timing.json"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 
@@ -76,7 +77,8 @@ FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benig
                   "final-tpr", "final-fpr", "final-precision", "final-recall",
                   "mean-benign-token-acc", "mean-benign-exact-acc", "mean-tpr", "mean-fpr",
                   "total-bytes-up", "total-bytes-down", "mean-server-seconds-per-round",
-                  "total-server-seconds", "wall-seconds", "fallback-rounds", "error")
+                  "total-server-seconds", "wall-seconds", "cell-wall-seconds", "cell-cpu-seconds",
+                  "fallback-rounds", "error")
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,11 @@ def _mean(rounds: Sequence[Mapping[str, object]], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _timing(cell_dir: Path) -> dict[str, object]:
+    path = cell_dir / TIMING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def fallback_rounds(rounds: Sequence[Mapping[str, object]]) -> int:
     """Rounds in which a CLAIR strategy fell back (solver failure, everyone flagged):
     its accuracy in those rounds is not CLAIR's, so the report must say so."""
@@ -258,6 +265,7 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "total-server-seconds": sum(float(r.get("server-seconds") or 0.0) for r in rounds),
         "wall-seconds": summary.get("wall-seconds"),
         "fallback-rounds": fallback_rounds(rounds),
+        **_timing(cell_dir),
         "rounds": [{k: r.get(k) for k in ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr")}
                    for r in rounds],
     })
@@ -275,7 +283,10 @@ def headline(row: Mapping[str, object]) -> str:
     text = f"token-acc {_fmt(row.get('final-benign-token-acc'))} exact {_fmt(row.get('final-benign-exact-acc'))}"
     if row.get("final-tpr") is not None or row.get("final-fpr") is not None:
         text += f" TPR {_fmt(row.get('final-tpr'), 2)} FPR {_fmt(row.get('final-fpr'), 2)}"
-    return text + f" ({_fmt(row.get('wall-seconds'), 1)} s)"
+    text += f" (federation {_fmt(row.get('wall-seconds'), 1)} s"
+    if row.get("cell-cpu-seconds") is not None:
+        text += f", CPU {_fmt(row.get('cell-cpu-seconds'), 1)} s"
+    return text + ")"
 
 
 def _clock(seconds: float) -> str:
@@ -304,9 +315,16 @@ class Progress:
 
 
 def _run_cell_timed(cell: Cell, out: Path) -> tuple[dict[str, object], float]:
-    t0 = time.time()
-    row = run_cell(cell, out)
-    return row, time.time() - t0
+    """Run a cell and keep its wall and CPU seconds next to its results.
+
+    CPU seconds are what sizes a grid on a shared machine: wall time there depends on
+    everybody else's load, CPU time much less.
+    """
+    t0, c0 = time.time(), time.process_time()
+    run_cell(cell, out)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    write_atomic(cell.out_dir(out) / TIMING_FILE, json.dumps({"cell-wall-seconds": wall, "cell-cpu-seconds": cpu}))
+    return cell_row(cell, out), wall
 
 
 def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1,
@@ -451,11 +469,12 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
             parts.append(f"### CLAIR's gain over local vs r/p ({attack})\n\n"
                          + markdown_table(["lora-rank", "r/p", "clair - local (token acc)"],
                                           [[g[1], g[2], g[3]] for g in gains]) + "\n")
-    cost = [[x["cell"], x.get("wall-seconds"), x.get("total-server-seconds"), x.get("total-bytes-up"),
-             x.get("fallback-rounds")] for x in _done(rows)]
+    cost = [[x["cell"], x.get("wall-seconds"), x.get("cell-cpu-seconds"), x.get("total-server-seconds"),
+             x.get("total-bytes-up"), x.get("fallback-rounds")] for x in _done(rows)]
     if cost:
         parts.append("### Per-cell cost (fallback rounds: CLAIR fell back instead of refining)\n\n"
-                     + markdown_table(["cell", "wall s", "server s (total)", "bytes up (total)", "fallback rounds"],
+                     + markdown_table(["cell", "federation wall s", "cell CPU s", "server s (total)",
+                                       "bytes up (total)", "fallback rounds"],
                                       cost, digits=1) + "\n")
     bad = [x for x in rows if x.get("status") != "done"]
     if bad:
@@ -606,7 +625,9 @@ def _toml_value(value: object) -> str:
 def flwr_command(cell: Cell, out_dir: Path) -> list[str]:
     """``flwr run . --run-config ... --federation-config ...`` for one cell."""
     flwr = str(Path(sys.executable).with_name("flwr"))
-    run_config = {**cell.run_config, "output-dir": str(out_dir)}
+    # Every key, not only the grid's overrides: pyproject's defaults and RunConfig's could
+    # drift apart, and then the two paths would not run the same cell.
+    run_config = {**RunConfig.from_mapping(cell.run_config).to_mapping(), "output-dir": str(out_dir)}
     rc = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     return [flwr, "run", ".", "--stream", "--run-config", rc, "--federation-config",
             f"num-supernodes={cell.num_nodes} client-resources-num-cpus=1"]
