@@ -164,8 +164,11 @@ def validate_cell(cell: Cell, out: Path) -> None:
 
 def load_grid(path: str | os.PathLike, out: Path = DEFAULT_OUT) -> Grid:
     """Parse and validate a grid file; every cell is checked before any runs."""
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise GridError(f"{path}: not valid TOML: {err}") from None
     unknown = [k for k in data if k not in GRID_FILE_KEYS]
     if unknown:
         raise GridError(f"{path}: unknown grid-file key '{unknown[0]}' (allowed: {', '.join(GRID_FILE_KEYS)})")
@@ -707,11 +710,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with open(args.grid, "rb") as fh:
-        name = str(tomllib.load(fh).get("name", Path(args.grid).stem))
-    out = Path(args.out).expanduser().resolve() if args.out else DEFAULT_OUT / name
     try:
+        with open(args.grid, "rb") as fh:
+            name = str(tomllib.load(fh).get("name", Path(args.grid).stem))
+        out = Path(args.out).expanduser().resolve() if args.out else DEFAULT_OUT / name
         grid = load_grid(args.grid, out)
+    except tomllib.TOMLDecodeError as err:
+        print(f"error: {args.grid}: not valid TOML: {err}", file=sys.stderr)
+        return 2
     except (GridError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
