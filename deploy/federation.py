@@ -245,6 +245,17 @@ def app_config_keys(app_dir: Path = REPO_ROOT) -> set[str]:
     return set(flatten_dict(data["tool"]["flwr"]["app"].get("config", {})))
 
 
+def fused_run_config(overrides: str | Mapping[str, object] = "", app_dir: Path = REPO_ROOT) -> dict[str, object]:
+    """The run config a run will see: ``[tool.flwr.app.config]`` plus ``--run-config`` overrides
+    (e.g. to pre-train the matching base model before starting the federation)."""
+    from flwr.common.config import flatten_dict, fuse_dicts, get_project_config, parse_config_args
+
+    base = flatten_dict(get_project_config(app_dir)["tool"]["flwr"]["app"].get("config", {}))
+    if not isinstance(overrides, str):
+        overrides = run_config_string(overrides)
+    return dict(fuse_dicts(base, parse_config_args([overrides] if overrides else None)))
+
+
 def run_config_string(values: Mapping[str, object]) -> str:
     """``{"strategy": "clair", "num-server-rounds": 2}`` -> ``strategy='clair' num-server-rounds=2``."""
     parts = []

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from deploy.federation import LocalFederation, app_config_keys, free_port, generate_node_keys, run_config_string, tail
+from deploy.federation import LocalFederation, app_config_keys, free_port, fused_run_config, generate_node_keys, run_config_string, tail
 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def warm_model_cache(_model_cache):  # noqa: ANN001, ANN201 - the session cache from conftest
+@pytest.fixture()
+def warm_model_cache(_model_cache, tmp_path):  # noqa: ANN001, ANN201 - the session cache from conftest
     """Pre-train the base model once, here, so no ServerApp/ClientApp process does it.
 
     The federation's processes inherit ``CLAIR_FLOWER_CACHE`` (the session cache). If the
@@ -34,7 +34,8 @@ def warm_model_cache(_model_cache):  # noqa: ANN001, ANN201 - the session cache 
     from clair_flower.config import RunConfig, model_config, task_config
     from clair_flower.model import cache_path, load_base_model
 
-    cfg = RunConfig()
+    # the config the run will use (pyproject defaults + our overrides), not RunConfig()'s
+    cfg = RunConfig.from_mapping(fused_run_config(small_run_config(str(tmp_path / "results"))))
     target = cache_path(model_config(cfg), task_config(cfg), _model_cache)
     user = cache_path(model_config(cfg), task_config(cfg), Path.home() / ".cache" / "clair-flower")
     if not target.exists() and user.exists() and user != target:
