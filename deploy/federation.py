@@ -256,6 +256,17 @@ def fused_run_config(overrides: str | Mapping[str, object] = "", app_dir: Path =
     return dict(fuse_dicts(base, parse_config_args([overrides] if overrides else None)))
 
 
+def warm_base_model(run_config: str | Mapping[str, object] = "", app_dir: Path = REPO_ROOT) -> Path:
+    """Pre-train (or find) the base model the run will use, in ``$CLAIR_FLOWER_CACHE``, so no
+    ServerApp/ClientApp process pre-trains it mid-round. Returns the cached file."""
+    from clair_flower.config import RunConfig, model_config, task_config
+    from clair_flower.model import cache_path, default_cache_dir, load_base_model
+
+    cfg = RunConfig.from_mapping(fused_run_config(run_config, app_dir))
+    load_base_model(model_config(cfg), task_config(cfg))
+    return cache_path(model_config(cfg), task_config(cfg), default_cache_dir())
+
+
 def run_config_string(values: Mapping[str, object]) -> str:
     """``{"strategy": "clair", "num-server-rounds": 2}`` -> ``strategy='clair' num-server-rounds=2``."""
     parts = []
@@ -682,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loc = sub.choices["local"]
     loc.add_argument("--workdir", type=Path, default=None, help="certificates, keys, logs, FLWR_HOME")
     loc.add_argument("--timeout", type=float, default=1800.0)
+    loc.add_argument("--no-warm", action="store_true",
+                     help="skip pre-training the base model before starting the federation")
     loc.add_argument("--keep-running", action="store_true",
                      help="after the run, keep the federation up until Ctrl-C")
     pr = sub.choices["print"]
@@ -692,6 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
                    help="IPs / DNS names the SuperLink is reached at (first is the CN)")
+    w = sub.add_parser("warm", help="pre-train the base model a run config uses (CLAIR_FLOWER_CACHE)")
+    w.add_argument("--run-config", "-c", default="")
     k = sub.add_parser("keys", help="generate SuperNode authentication key pairs")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("-n", "--num-supernodes", type=int, default=3)
@@ -700,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "certs":
         f = generate_tls(args.out, args.hosts)
         print(f"CA {f.ca_cert}\nserver certificate {f.server_cert}\nserver key {f.server_key}")
+        return 0
+    if args.cmd == "warm":
+        print(warm_base_model(args.run_config))
         return 0
     if args.cmd == "keys":
         for priv, pub in generate_node_keys(args.out, args.num_supernodes):
@@ -719,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(print_commands(spec, run_config=args.run_config, certs_dir=args.certs_dir, keys_dir=args.keys_dir))
         return 0
 
+    if not args.no_warm:
+        print(f"base model: {warm_base_model(args.run_config)}", flush=True)
     workdir = args.workdir or Path.cwd() / "outputs" / f"deploy-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     with LocalFederation(workdir, args.num_supernodes, args.contaminated, tls=tls, auth=args.auth) as fed:
         print(f"SuperLink {fed.spec.address} ({'TLS' if tls else 'insecure'}"
