@@ -65,7 +65,7 @@ def test_real_deployment(mode: str, tmp_path, warm_model_cache) -> None:  # noqa
             assert "--enable-supernode-auth" in fed.spec.superlink_cmd()
             assert fed.spec.tls is not None and fed.spec.tls.ca_cert.exists()
             assert "root-certificates" in (fed.flwr_home / "config.toml").read_text()
-        res = fed.run_app(small_run_config(str(out)), timeout=240, done=out / "summary.json")
+        res = fed.run_app(small_run_config(str(out)), timeout=480, done=out / "summary.json")
         if secure:  # a SuperNode whose public key was never registered is refused
             (rogue_key, _), = generate_node_keys(tmp_path / "rogue", 1)
             cmd = fed.spec.supernode_cmd(0)
