@@ -260,6 +260,14 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
     return results[pick], info
 
 
+def _client_factors(fac: dict, m: str, active: list) -> ClientFactors:
+    """One module's factors with the scaling folded into ``B``, rebuilt on demand (not stored:
+    at LLM sizes a second copy of every upload would double the peak memory)."""
+    dtype = np.float32 if all(fac[m][c].A.dtype == np.float32 for c in active) else np.float64
+    return ClientFactors([(fac[m][c].scaling * fac[m][c].B).astype(dtype, copy=False) for c in active],
+                         [fac[m][c].A.astype(dtype, copy=False) for c in active])
+
+
 def _drop_dominated(path: list[dict], results: list) -> None:
     """Free the arrays of path points that can no longer be picked (memory at LLM sizes).
 
@@ -267,7 +275,11 @@ def _drop_dominated(path: list[dict], results: list) -> None:
     ``(effective rank, flagged count)`` key cannot win; only their metrics are kept.
     """
     adm = [i for i, p in enumerate(path) if p["admissible"]]
-    if not adm:
+    if not adm:  # only the current fallback choice can still be picked among these
+        keep = max(range(len(path)), key=lambda i: (path[i]["consistency"], -path[i]["effective_rank"]))
+        for i in range(len(path) - 1):
+            if i != keep:
+                results[i] = None
         return
     best = min((path[i]["effective_rank"], path[i]["n_flagged"]) for i in adm)
     for i, p in enumerate(path):
@@ -290,8 +302,9 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, n
             "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
             "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}
     inform = detection.informative_pairs(problem.block_norms)
-    return {"problem": problem, "L_left": L_left, "L_right": L_right, "diagnostics": diag,
-            "informative": inform}, ev
+    lifted = problem.lift_left(L_left.astype(problem.left.dtype) if problem.left is not None else L_left)
+    return {"offsets": problem.offsets, "lifted": np.asarray(lifted, dtype=np.float64), "L_left": L_left,
+            "L_right": L_right, "diagnostics": diag, "informative": inform}, ev
 
 
 def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np.ndarray, int, np.ndarray]:
@@ -301,8 +314,7 @@ def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np
     may carry its direction there; restricted to collaborative pairs it lies in ``span(U)`` in
     the model. ``r_hat`` is ``rank`` or the largest singular-value gap of that restriction.
     """
-    problem: BlockProblem = out["problem"]
-    off = problem.offsets
+    off = out["offsets"]
     cols = np.concatenate([np.arange(off[i], off[i + 1]) for i in np.flatnonzero(benign_pairs)] or [np.zeros(0, int)])
     if cols.size == 0:  # no collaborative pair: fall back to all of L
         cols = np.arange(off[-1])
@@ -310,9 +322,9 @@ def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np
     u, s = svd_of(Lb)
     r_hat = rank if rank is not None else gap_rank(s)
     r_hat = max(1, min(r_hat, u.shape[1]))
-    Ut = u[:, :r_hat]
-    U = problem.lift_left(Ut.astype(problem.left.dtype) if problem.left is not None else Ut)
-    return np.linalg.qr(np.asarray(U, dtype=np.float64))[0], int(r_hat), s
+    # u lies in span(L_left) (orthonormal), so Q u = (Q L_left)(L_left^T u): only p x k is kept
+    U = out["lifted"] @ (out["L_left"].T @ u[:, :r_hat])
+    return np.linalg.qr(U)[0], int(r_hat), s
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -340,13 +352,9 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
         )
     n = len(active)
     pairs = make_pairs(n, cfg.pairs, cfg.pair_degree, cfg.seed)
-    cf_by_module: dict[str, ClientFactors] = {}
     mod_out, evidence, informative = {}, [], None
     for m in modules:
-        dtype = np.float32 if all(fac[m][c].A.dtype == np.float32 for c in active) else np.float64
-        cf = ClientFactors([(fac[m][c].scaling * fac[m][c].B).astype(dtype) for c in active],
-                           [fac[m][c].A.astype(dtype) for c in active])
-        cf_by_module[m] = cf
+        cf = _client_factors(fac, m, active)
         try:
             out, ev = _module(cf, pairs, cfg, n)
         except ValueError as e:  # e.g. every active client uploaded the same update
@@ -361,8 +369,10 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     z_scores = None
     if cfg.in_subspace_stage:
         cand = [i for i in range(n) if not flagged[i]]
-        coeffs = [[(mod_out[m]["U"].T @ cf_by_module[m].B[i].astype(np.float64)) @ cf_by_module[m].A[i]
-                   for i in cand] for m in modules]
+        coeffs = []
+        for m in modules:
+            cf = _client_factors(fac, m, active)
+            coeffs.append([(mod_out[m]["U"].T @ cf.B[i].astype(np.float64)) @ cf.A[i] for i in cand])
         z, zflag = detection.in_subspace_flags(coeffs, cfg.z_threshold)
         z_scores = dict(zip(cand, z))
         for j, i in enumerate(cand):
@@ -375,7 +385,7 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     errors: dict = {c: {} for c in cids}
     consensus: dict[str, LoraFactors] = {}
     for m in modules:
-        cf = cf_by_module[m]
+        cf = _client_factors(fac, m, active)
         scal = [fac[m][c].scaling for c in active]
         ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy)
         consensus[m] = cons

@@ -229,12 +229,13 @@ def reduced_problem(
     else:
         raise ValueError(f"unknown reduction method {method!r}")
     GA = (Aall @ Aall.T).astype(np.float64)
+    work = np.float32 if dtype == np.float32 else np.float64  # the stack in the inputs' precision
     blocks, widths, rights = [], [], []
     for k, l in pairs:
         idx = np.r_[off[k] : off[k + 1], off[l] : off[l + 1]]
         Ca, T = _sqrt_factor(GA[np.ix_(idx, idx)], _gram_rtol(dtype))
         left = np.concatenate([F[:, off[k] : off[k + 1]], -F[:, off[l] : off[l + 1]]], axis=1)
-        blocks.append(left @ Ca)
+        blocks.append((left @ Ca).astype(work, copy=False))
         widths.append(Ca.shape[1])
         if keep_right:
             rights.append(T.T @ Aall[idx].astype(np.float64))
@@ -245,8 +246,6 @@ def reduced_problem(
     ref = math.sqrt(max(np.mean(energy), 0.0) * len(pairs))
     alpha = _normalise(X, len(pairs), ref)
     X *= alpha
-    work = np.float32 if dtype == np.float32 else np.float64
-    X = X.astype(work, copy=False)
     info = {"method": method, "reduced_shape": [int(X.shape[0]), int(X.shape[1])]}
     return BlockProblem(
         X, widths_arr, list(pairs), alpha, block_norms(X.astype(np.float64), widths_arr),
