@@ -193,5 +193,6 @@ def make_large_factors(
             R = np.linalg.qr(rng.standard_normal((rank, rank)))[0].astype(np.float32)
             B = B @ R
             A = R.T @ A
-        out[k] = LoraFactors(np.ascontiguousarray(A), np.ascontiguousarray(B / scaling), scaling)
+        B = (B / scaling).astype(np.float32)  # numpy 2: float64 scalars would promote to float64
+        out[k] = LoraFactors(np.ascontiguousarray(A, dtype=np.float32), np.ascontiguousarray(B), scaling)
     return out, U, bad
