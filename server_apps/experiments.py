@@ -372,7 +372,11 @@ def _seed_mean(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
 
 def _ordered(values: Iterable[object], order: Sequence[object] = ()) -> list[object]:
     uniq = list(dict.fromkeys(values))
-    return sorted(uniq, key=lambda v: (order.index(v) if v in order else len(order), str(v)))
+    def key(v: object) -> tuple[int, float, str]:
+        number = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.inf
+        return (order.index(v) if v in order else len(order), number, str(v))
+
+    return sorted(uniq, key=key)
 
 
 STRATEGY_ORDER = ("local", "fedavg", "oracle", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan",
