@@ -18,7 +18,7 @@ a client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.detection.consistency`) and the flagged clients are a strict minority. Among
 admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
-run of ``c``. With no admissible point, the most consistent one is used and the module's
+run of ``c``. With no admissible point, the most consistent point with a flagged minority is used and the module's
 diagnostics say ``"selection": "fallback"``. A float ``lam`` is the constant ``c`` itself.
 
 Default form: ``constrained`` (the DESIGN prototype's). It passes every property test, recovering
@@ -254,7 +254,10 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
         ties = [i for i in adm if (path[i]["effective_rank"], path[i]["n_flagged"]) == best]
         pick, how = ties[len(ties) // 2], "admissible"
     else:
-        pick = max(range(len(path)), key=lambda i: (path[i]["consistency"], -path[i]["effective_rank"]))
+        # A flagged majority contradicts the model (contaminated clients are a minority):
+        # prefer minority points, then consistency, then low rank.
+        pick = max(range(len(path)), key=lambda i: (2 * path[i]["n_flagged"] < n, path[i]["consistency"],
+                                                     -path[i]["effective_rank"], -path[i]["n_flagged"]))
         how = "fallback" if len(cs) > 1 else "fixed"
     if len(cs) == 1 and adm:
         how = "fixed"
@@ -373,6 +376,11 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     combined = detection.combine_modules(evidence)
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
+    inconclusive = 2 * int(flagged.sum()) >= n
+    if inconclusive:
+        # A flagged majority contradicts the model (contaminated clients are a minority):
+        # the vote is inconclusive, so only robust outliers of the continuous score are flagged.
+        flagged = detection.robust_z(votes.score) > cfg.z_threshold
     _set_subspaces(mod_out, modules, pairs, flagged, cfg.rank)
     z_scores = None
     if cfg.in_subspace_stage:
@@ -418,7 +426,8 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
             "pairs": cfg.pairs, "lam": {m: modules_rep[m].diagnostics["lam"] for m in modules},
             "c": {m: modules_rep[m].diagnostics["c"] for m in modules},
             "rank": {m: modules_rep[m].rank for m in modules},
-            "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage}
+            "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage,
+            "vote_inconclusive": bool(inconclusive)}
     return ClairResult(frozenset(c for c in cids if c not in flagged_ids), flagged_ids, clients, consensus,
                        modules_rep, diag)
 
