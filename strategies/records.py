@@ -23,7 +23,7 @@ def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def metric_value(value: object) -> float | int | list[float]:
+def metric_value(value: object) -> float | int | list[int] | list[float]:
     """Cast numpy scalars and sequences to the plain types a MetricRecord accepts."""
     if isinstance(value, (bool, np.bool_)):
         return int(value)
@@ -31,7 +31,10 @@ def metric_value(value: object) -> float | int | list[float]:
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value)
-    return [float(v) for v in value]  # type: ignore[union-attr]
+    values = list(value)  # type: ignore[call-overload]
+    if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
+        return [int(v) for v in values]  # node ids are 64-bit: a float would lose them
+    return [float(v) for v in values]
 
 
 def to_metricrecord(metrics: Mapping[str, object]) -> MetricRecord:
