@@ -46,7 +46,6 @@ class RunConfig:
     min_nodes: int = 2
     round_timeout: float = 600.0
     max_norm_ratio: float = 1000.0
-    resume: bool = False
     # task
     vocab_size: int = 32
     min_len: int = 4
