@@ -94,40 +94,51 @@ class RunWriter:
 
     def write_plots(self, rounds: Sequence[Mapping[str, object]], title: str) -> list[Path]:
         """Benign accuracy per round, and TPR/FPR per round when the strategy flags."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        paths = []
-        xs = [int(r["round"]) for r in rounds]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in (("benign-token-acc", "token accuracy"), ("benign-exact-acc", "exact-sequence accuracy")):
-            ax.plot(xs, [_num(r.get(key)) for r in rounds], marker="o", label=label)
-        ax.set_xlabel("round")
-        ax.set_ylabel("mean over benign clients")
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        paths.append(self.out_dir / ACCURACY_PNG)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths = [_round_plot(self.out_dir / ACCURACY_PNG, rounds, title,
+                             (("benign-token-acc", "token accuracy"), ("benign-exact-acc", "exact-sequence accuracy")),
+                             ylabel="mean over benign clients", ylim=(0, 1))]
         if any(r.get("tpr") is not None for r in rounds):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot(xs, [_num(r.get("tpr")) for r in rounds], marker="o", label="TPR")
-            ax.plot(xs, [_num(r.get("fpr")) for r in rounds], marker="s", label="FPR")
-            ax.set_xlabel("round")
-            ax.set_ylim(-0.05, 1.05)
-            ax.set_title(f"{title}: detection")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            paths.append(self.out_dir / DETECTION_PNG)
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
+            paths.append(_round_plot(self.out_dir / DETECTION_PNG, rounds, f"{title}: detection",
+                                     (("tpr", "TPR"), ("fpr", "FPR")), ylabel="rate", ylim=(-0.05, 1.05)))
         return paths
+
+
+def _round_plot(path: Path, rounds: Sequence[Mapping[str, object]], title: str,
+                series: Sequence[tuple[str, str]], ylabel: str, ylim: tuple[float, float]) -> Path:
+    """One line per (record key, label) against the round number, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [int(r["round"]) for r in rounds]  # type: ignore[call-overload]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (key, label), marker in zip(series, "os^v"):
+        ax.plot(xs, [_num(r.get(key)) for r in rounds], marker=marker, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def last_value(rounds: Sequence[Mapping[str, object]], key: str) -> object:
+    """The latest round's value of ``key`` that is not missing (None if none is)."""
+    for r in reversed(rounds):
+        if r.get(key) is not None:
+            return r[key]
+    return None
+
+
+def mean_value(rounds: Sequence[Mapping[str, object]], key: str) -> float | None:
+    """Mean of ``key`` over the rounds that have it (None if none does)."""
+    vals = [float(r[key]) for r in rounds if r.get(key) is not None]  # type: ignore[arg-type]
+    return float(np.mean(vals)) if vals else None
 
 
 def _num(value: object) -> float:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from clair_flower.config import ConfigError, RunConfig
-from clair_flower.results import SUMMARY_JSON, markdown_table, write_atomic, write_csv
+from clair_flower.results import SUMMARY_JSON, last_value, markdown_table, mean_value, write_atomic, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "experiments"
@@ -218,16 +218,6 @@ def _read_json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _last(rounds: Sequence[Mapping[str, object]], key: str) -> object:
-    for r in reversed(rounds):
-        if r.get(key) is not None:
-            return r[key]
-    return None
-
-
-def _mean(rounds: Sequence[Mapping[str, object]], key: str) -> float | None:
-    vals = [float(r[key]) for r in rounds if r.get(key) is not None]  # type: ignore[arg-type]
-    return float(np.mean(vals)) if vals else None
 
 
 def _timing(cell_dir: Path) -> dict[str, object]:
@@ -258,11 +248,11 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "status": "done", "num-rounds": summary.get("num-rounds"),
         "final-benign-token-acc": summary.get("final-benign-token-acc"),
         "final-benign-exact-acc": summary.get("final-benign-exact-acc"),
-        "final-tpr": _last(rounds, "tpr"), "final-fpr": _last(rounds, "fpr"),
-        "final-precision": _last(rounds, "precision"), "final-recall": _last(rounds, "recall"),
-        "mean-benign-token-acc": _mean(rounds, "benign-token-acc"),
-        "mean-benign-exact-acc": _mean(rounds, "benign-exact-acc"),
-        "mean-tpr": _mean(rounds, "tpr"), "mean-fpr": _mean(rounds, "fpr"),
+        "final-tpr": last_value(rounds, "tpr"), "final-fpr": last_value(rounds, "fpr"),
+        "final-precision": last_value(rounds, "precision"), "final-recall": last_value(rounds, "recall"),
+        "mean-benign-token-acc": mean_value(rounds, "benign-token-acc"),
+        "mean-benign-exact-acc": mean_value(rounds, "benign-exact-acc"),
+        "mean-tpr": mean_value(rounds, "tpr"), "mean-fpr": mean_value(rounds, "fpr"),
         "total-bytes-up": summary.get("total-bytes-up"), "total-bytes-down": summary.get("total-bytes-down"),
         "mean-server-seconds-per-round": summary.get("mean-server-seconds-per-round"),
         "total-server-seconds": sum(float(r.get("server-seconds") or 0.0) for r in rounds),

@@ -21,7 +21,7 @@ from flwr.supercore import log
 from clair_flower.config import RunConfig, base_task_config, lora_spec, model_config
 from clair_flower.model import load_base_model, wrap_lora
 from clair_flower.peft_io import get_adapter_arrays
-from clair_flower.results import RunWriter
+from clair_flower.results import RunWriter, last_value, mean_value
 from server_apps.recording import RecordingStrategy
 from server_apps.strategy_factory import build_strategy
 from strategies.records import to_arrayrecord
@@ -74,16 +74,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, object]) -> dict[str, ob
     return summary
 
 
-def _last(rounds: list[dict[str, object]], key: str) -> object:
-    for r in reversed(rounds):
-        if r.get(key) is not None:
-            return r[key]
-    return None
-
-
-def _mean_of(rounds: list[dict[str, object]], key: str) -> float | None:
-    vals = [float(r[key]) for r in rounds if r.get(key) is not None]  # type: ignore[arg-type]
-    return float(np.mean(vals)) if vals else None
 
 
 def summarize(cfg: RunConfig, rounds: list[dict[str, object]], num_nodes: int, seconds: float,
@@ -95,13 +85,13 @@ def summarize(cfg: RunConfig, rounds: list[dict[str, object]], num_nodes: int, s
     return {
         "strategy": cfg.strategy, "attack": cfg.attack, "attack-fraction": cfg.attack_fraction,
         "num-nodes": num_nodes, "num-rounds": len(rounds), "wall-seconds": seconds,
-        "final-benign-token-acc": _last(rounds, "benign-token-acc"),
-        "final-benign-exact-acc": _last(rounds, "benign-exact-acc"),
-        "final-tpr": _last(rounds, "tpr"), "final-fpr": _last(rounds, "fpr"),
-        "final-flagged-partitions": _last(rounds, "flagged-partitions"),
-        "final-benign-backdoor-asr": _last(rounds, "benign-backdoor-asr"),
-        "mean-server-seconds-per-round": _mean_of(rounds, "server-seconds"),
-        "mean-client-train-seconds-per-round": _mean_of(rounds, "client-train-seconds"),
+        "final-benign-token-acc": last_value(rounds, "benign-token-acc"),
+        "final-benign-exact-acc": last_value(rounds, "benign-exact-acc"),
+        "final-tpr": last_value(rounds, "tpr"), "final-fpr": last_value(rounds, "fpr"),
+        "final-flagged-partitions": last_value(rounds, "flagged-partitions"),
+        "final-benign-backdoor-asr": last_value(rounds, "benign-backdoor-asr"),
+        "mean-server-seconds-per-round": mean_value(rounds, "server-seconds"),
+        "mean-client-train-seconds-per-round": mean_value(rounds, "client-train-seconds"),
         "total-bytes-up": int(sum(int(r.get("bytes-up-total", 0)) for r in rounds)),  # type: ignore[arg-type]
         "total-bytes-down": int(sum(int(r.get("bytes-down-total", 0)) for r in rounds)),  # type: ignore[arg-type]
         "output-dir": str(out_dir),
