@@ -48,7 +48,7 @@ from clair_flower.decomposition import (
     BlockProblem, ClientFactors, dense_problem, lam_from_c, lam_grid, make_pairs, reduced_problem,
 )
 from clair_flower.lora import LoraFactors
-from clair_flower.refinement import POLICIES, refine_module
+from clair_flower.refinement import POLICIES, gram_svd, mean_factors, refine_module, top_factors
 from clair_flower.solvers import FORMS, SolveResult, solve, svd_of
 from clair_flower.solvers.fast import blas_threads
 
@@ -453,11 +453,8 @@ def _reason(i: int, votes: detection.Votes, flagged: np.ndarray) -> str:
 def _policy_for_zero(f: LoraFactors, consensus_max: LoraFactors, cf: ClientFactors, collab, policy: str
                      ) -> tuple[LoraFactors, float]:
     """The flagged policy for an excluded all-zero client (its own rank and scaling)."""
-    from clair_flower.refinement import lowrank_svd, mean_factors
-    from clair_flower.lora import refactor_lowrank
     dtype = cf.B[0].dtype
     if policy == "consensus":
         Bm, Am = mean_factors(cf.B, cf.A, collab)
-        M = lowrank_svd(Bm, Am)
-        return refactor_lowrank(M.left, np.diag(M.s), M.right, f.rank, f.scaling or 1.0, dtype=dtype)
+        return top_factors(*gram_svd(Bm, Am, f.rank), f.rank, f.scaling or 1.0, dtype)
     return LoraFactors(np.zeros_like(f.A, dtype=dtype), np.zeros_like(f.B, dtype=dtype), float(f.scaling)), 0.0

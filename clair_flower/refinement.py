@@ -44,6 +44,49 @@ def lowrank_svd(B: np.ndarray, A: np.ndarray) -> LowRankSVD:
     return LowRankSVD(Qb @ u.astype(Qb.dtype), s, vt.astype(Qa.dtype) @ Qa.T)
 
 
+@dataclass
+class GramRoot:
+    """``G = V diag(r^2) V^T`` of a factor's Gram matrix, numerically null modes dropped.
+
+    For ``B`` with ``G = B^T B``, ``B = Q diag(r) V^T`` with orthonormal ``Q = B V / r``; the
+    same holds for ``A^T``. A Gram costs half a QR and never forms ``Q``: only the few columns
+    a caller keeps are lifted (see :func:`gram_svd`).
+    """
+
+    V: np.ndarray
+    r: np.ndarray
+
+    @classmethod
+    def of(cls, G: np.ndarray, dtype: np.dtype) -> "GramRoot":
+        e, V = np.linalg.eigh(np.asarray(G, dtype=np.float64))
+        e, V = e[::-1], V[:, ::-1]
+        rtol = 1e-13 if np.dtype(dtype) == np.float64 else 1e-6
+        keep = e > rtol * e[0] if e.size and e[0] > 0 else np.zeros(e.shape, dtype=bool)
+        return cls(V[:, keep], np.sqrt(e[keep]))
+
+    def lift(self, X: np.ndarray, coeff: np.ndarray) -> np.ndarray:
+        """``Q @ coeff`` for ``X`` the factor (``B``, or ``A^T`` given as ``A`` rows)."""
+        return X @ ((self.V / self.r) @ coeff).astype(X.dtype)
+
+
+def gram_svd(B: np.ndarray, A: np.ndarray, top: int, rootA: GramRoot | None = None) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``top`` singular triplets of ``B @ A`` from the two Gram matrices.
+
+    Returns ``left (p x top)``, all singular values, ``right (top x q)``. Costs two Grams
+    (``p m^2 + q m^2``) instead of two QRs with explicit ``Q`` (about four times more), which
+    is what keeps LLM-sized refinement cheap; ``rootA`` shares the ``A`` side between calls.
+    """
+    rb = GramRoot.of(B.T @ B, B.dtype)
+    ra = rootA if rootA is not None else GramRoot.of(A @ A.T, A.dtype)
+    core = (rb.r[:, None] * rb.V.T) @ (ra.V * ra.r[None, :])
+    u, s, vt = np.linalg.svd(core, full_matrices=False)
+    t = min(top, s.size)
+    left = rb.lift(B, u[:, :t])
+    right = ra.lift(A.T, vt[:t].T).T
+    return left, s, right
+
+
 def _refactor_sum(left: np.ndarray, right: np.ndarray, rank: int, scaling: float, dtype
                   ) -> tuple[LoraFactors, float, float]:
     """Re-factor ``left @ right`` (orthonormal ``left``); returns factors, tail^2 and total^2."""
@@ -52,6 +95,15 @@ def _refactor_sum(left: np.ndarray, right: np.ndarray, rank: int, scaling: float
     f, err = refactor_lowrank(left, core, Qr.T, rank, scaling, dtype=dtype)
     total2 = float(np.sum(core**2))
     return f, err**2 * total2, total2
+
+
+def top_factors(left: np.ndarray, s: np.ndarray, right: np.ndarray, rank: int, scaling: float, dtype
+                 ) -> tuple[LoraFactors, float]:
+    """Rank-``rank`` factors from the top singular triplets; the error counts every value of ``s``."""
+    k = min(rank, left.shape[1])
+    f, _ = refactor_lowrank(left[:, :k], np.diag(s[:k]), right[:k], rank, scaling, dtype=dtype)
+    total = float(np.sqrt(np.sum(s**2)))
+    return f, (float(np.sqrt(np.sum(s[k:] ** 2)) / total) if total > 0 else 0.0)
 
 
 def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequence[int]
@@ -81,14 +133,16 @@ def refine_module(
     members = sorted(collaborative)
     Bm, Am = mean_factors(B, A, members)
     Uw = U.astype(dtype)
-    Z = lowrank_svd(Bm - Uw @ (Uw.T @ Bm), Am)
-    t = min(Z.s.size, r_max + U.shape[1] if z_rank is None else z_rank)
-    Uz, Zright = Z.left[:, :t], Z.s[:t, None].astype(dtype) * Z.right[:t]
-    z_tail2 = float(np.sum(Z.s[t:] ** 2))
+    rootA = GramRoot.of(Am @ Am.T, Am.dtype)
+    t = r_max + U.shape[1] if z_rank is None else z_rank
+    Uz, z_s, z_right = gram_svd(Bm - Uw @ (Uw.T @ Bm), Am, t, rootA)
+    t = Uz.shape[1]
+    Zright = z_s[:t, None].astype(dtype) * z_right
+    z_tail2 = float(np.sum(z_s[t:] ** 2))
     left = np.concatenate([Uw, Uz], axis=1)
-    M = lowrank_svd(Bm, Am)
+    m_left, m_s, m_right = gram_svd(Bm, Am, r_max, rootA)
     kmax = int(np.argmax(ranks))
-    consensus, _ = refactor_lowrank(M.left, np.diag(M.s), M.right, r_max, scalings[kmax], dtype=dtype)
+    consensus, _ = top_factors(m_left, m_s, m_right, r_max, scalings[kmax], dtype)
     member_set = set(members)
     refined, errors = [], []
     for k in range(len(B)):
@@ -98,7 +152,7 @@ def refine_module(
                                              scalings[k], dtype)
             err = float(np.sqrt((tail2 + z_tail2) / (total2 + z_tail2))) if total2 + z_tail2 > 0 else 0.0
         elif policy == "consensus":
-            f, err = refactor_lowrank(M.left, np.diag(M.s), M.right, ranks[k], scalings[k], dtype=dtype)
+            f, err = top_factors(m_left, m_s, m_right, ranks[k], scalings[k], dtype)
         elif policy == "local":
             own = lowrank_svd(B[k], A[k])
             f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
