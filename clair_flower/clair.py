@@ -20,6 +20,10 @@ admissible points the one with the lowest effective rank of ``L`` (singular valu
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is used and the module's
 diagnostics say ``"selection": "fallback"``. A float ``lam`` is the constant ``c`` itself.
+Across modules (``share_lam``), the first module runs the path and every other module first
+tries the ``c`` it chose, solved to full accuracy; if that point is admissible there it is kept
+(``"selection": "shared"``), otherwise that module runs its own path. Modules are decomposed and
+refined on ``workers`` threads; the result does not depend on their number.
 
 Default form: ``constrained`` (the DESIGN prototype's). It passes every property test, recovering
 ``U`` to ~1e-8 noiseless and with error linear in the noise. The ``penalized`` form (weight
@@ -37,7 +41,9 @@ has no direction to test and would otherwise distort the block scale.
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -93,6 +99,12 @@ class ClairConfig:
     blas_threads: int | None = 1
     """BLAS threads inside :func:`run_clair`; 1 avoids OpenBLAS thread hand-offs that made LAPACK
     calls 10x slower on a shared 2-core machine; ``None`` keeps the library's setting."""
+    workers: int | None = None
+    """Modules decomposed concurrently (threads; numpy and LAPACK release the GIL). ``None``:
+    one per CPU core. Results do not depend on it."""
+    share_lam: bool = True
+    """With ``lam="auto"``: reuse the ``c`` chosen on the first module for every other module
+    whose point at that ``c`` is admissible (the rest run their own path)."""
 
     def validate(self) -> None:
         if self.solver not in ("fast", "reference"):
@@ -105,6 +117,8 @@ class ClairConfig:
             raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be None or >= 1, got {self.rank}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be None or >= 1, got {self.workers}")
 
 
 @dataclass
@@ -223,27 +237,48 @@ def gap_rank(sv: np.ndarray) -> int:
     return int(np.argmax(s[:-1] / s[1:])) + 1
 
 
-def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveResult, dict]:
-    """Solve along the lambda path and pick the admissible point (module docstring)."""
+def _assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c: float, lam: float,
+            informative: np.ndarray) -> dict:
+    """One path point: effective rank of ``L``, flagged clients, consistency, admissibility."""
+    ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+    v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
+    cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
+    nflag = int(v.flagged.sum())
+    return {"c": c, "lam": lam, "effective_rank": _effective_rank(res.L_sv, cfg.rank_rtol),
+            "n_flagged": nflag, "consistency": cons, "status": res.status, "iterations": res.iterations,
+            "admissible": cons >= 1 - cfg.consistency_tol and 2 * nflag < n}
+
+
+def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None
+                ) -> tuple[SolveResult, dict]:
+    """Solve along the lambda path and pick the admissible point (module docstring).
+
+    With ``c_shared`` (the ``c`` another module chose), that point is solved first and kept if
+    admissible, which spares the path on every module but one.
+    """
     pairs = problem.pairs
     cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
     mu = None
     if cfg.form == "penalized":
         mu = cfg.penalty * float(np.linalg.norm(problem.X.astype(np.float64), 2))
     informative = detection.informative_pairs(problem.block_norms)
+    spent = 0
+    if c_shared is not None and cfg.lam == "auto":
+        lam = lam_from_c(c_shared, len(pairs))
+        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol, max_iter=cfg.max_iter)
+        point = _assess(res, problem, cfg, n, c_shared, lam, informative)
+        if point["admissible"]:
+            return res, {"c": c_shared, "lam": lam, "mu": mu, "selection": "shared", "path": [point],
+                         "iterations_total": res.iterations}
+        spent = res.iterations
     path, results, warm = [], [], None
     path_tol = cfg.tol if len(cs) == 1 or cfg.solver == "reference" else max(cfg.tol, PATH_TOL)
     for c in cs:
         lam = lam_from_c(c, len(pairs))
         res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=path_tol, max_iter=cfg.max_iter, warm=warm)
         warm = res if cfg.solver == "fast" else None
-        ev = detection.pair_evidence(res.S_norms, problem.block_norms)
-        v = detection.majority_vote(pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
-        cons = detection.consistency(pairs, v.pair_flags, v.flagged, informative)
-        nflag = int(v.flagged.sum())
-        path.append({"c": c, "lam": lam, "effective_rank": _effective_rank(res.L_sv, cfg.rank_rtol),
-                     "n_flagged": nflag, "consistency": cons, "status": res.status,
-                     "iterations": res.iterations, "admissible": cons >= 1 - cfg.consistency_tol and 2 * nflag < n})
+        path.append(_assess(res, problem, cfg, n, c, lam, informative))
+        nflag = path[-1]["n_flagged"]
         results.append(res)
         _drop_dominated(path, results)
         if 2 * nflag >= n and any(p["admissible"] for p in path):
@@ -267,7 +302,7 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int) -> tuple[SolveR
         path[pick]["iterations"] += res.iterations
         results[pick] = res
     info = {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how, "path": path,
-            "iterations_total": int(sum(p["iterations"] for p in path))}
+            "iterations_total": spent + int(sum(p["iterations"] for p in path))}
     return results[pick], info
 
 
@@ -299,12 +334,13 @@ def _drop_dominated(path: list[dict], results: list) -> None:
             results[i] = None
 
 
-def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, np.ndarray]:
+def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float | None = None
+            ) -> tuple[dict, np.ndarray]:
     """Decompose one module; returns its report pieces and the pair evidence."""
     t0 = time.perf_counter()
     problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
     t_red = time.perf_counter() - t0
-    res, info = _solve_path(problem, cfg, n)
+    res, info = _solve_path(problem, cfg, n, c_shared)
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
     k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
     L_left = res.L_left[:, :k]
@@ -316,6 +352,32 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int) -> tuple[dict, n
     lifted = problem.lift_left(L_left.astype(problem.left.dtype) if problem.left is not None else L_left)
     return {"offsets": problem.offsets, "lifted": np.asarray(lifted, dtype=np.float64), "L_left": L_left,
             "L_right": L_right, "diagnostics": diag, "informative": inform}, ev
+
+
+def _map_modules(fn, modules: list[str], workers: int | None) -> list:
+    """``[fn(m) for m in modules]`` on a thread pool (BLAS and LAPACK release the GIL)."""
+    workers = min(len(modules), workers or os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(m) for m in modules]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, modules))
+
+
+def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: ClairConfig, n: int) -> dict:
+    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``)."""
+    def one(m: str, c_shared: float | None = None) -> dict:
+        try:
+            out, ev = _module(_client_factors(fac, m, active), pairs, cfg, n, c_shared)
+        except ValueError as e:  # e.g. every active client uploaded the same update
+            raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
+        out["evidence"] = ev
+        return out
+
+    first = one(modules[0])
+    diag = first["diagnostics"]
+    c_shared = diag["c"] if cfg.share_lam and cfg.lam == "auto" and diag["selection"] == "admissible" else None
+    rest = _map_modules(lambda m: one(m, c_shared), modules[1:], cfg.workers)
+    return dict(zip(modules, [first, *rest]))
 
 
 def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np.ndarray, int, np.ndarray]:
@@ -363,16 +425,9 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
         )
     n = len(active)
     pairs = make_pairs(n, cfg.pairs, cfg.pair_degree, cfg.seed)
-    mod_out, evidence, informative = {}, [], None
-    for m in modules:
-        cf = _client_factors(fac, m, active)
-        try:
-            out, ev = _module(cf, pairs, cfg, n)
-        except ValueError as e:  # e.g. every active client uploaded the same update
-            raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
-        mod_out[m] = out
-        evidence.append(ev)
-        informative = out["informative"] if informative is None else (informative | out["informative"])
+    mod_out = _decompose_modules(fac, modules, active, pairs, cfg, n)
+    evidence = [mod_out[m]["evidence"] for m in modules]
+    informative = np.logical_or.reduce([mod_out[m]["informative"] for m in modules])
     combined = detection.combine_modules(evidence)
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
@@ -400,15 +455,20 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     refined: dict = {c: {} for c in cids}
     errors: dict = {c: {} for c in cids}
     consensus: dict[str, LoraFactors] = {}
-    for m in modules:
+
+    def refine(m: str) -> tuple:
         cf = _client_factors(fac, m, active)
         scal = [fac[m][c].scaling for c in active]
         ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy)
+        zeros = {c: _policy_for_zero(fac[m][c], cons, cf, collab, cfg.flagged_policy) for c in zero}
+        return ref, err, cons, zeros
+
+    for m, (ref, err, cons, zeros) in zip(modules, _map_modules(refine, modules, cfg.workers)):
         consensus[m] = cons
         for i, c in enumerate(active):
             refined[c][m], errors[c][m] = ref[i], err[i]
         for c in zero:  # excluded clients get the policy as well
-            refined[c][m], errors[c][m] = _policy_for_zero(fac[m][c], cons, cf, collab, cfg.flagged_policy)
+            refined[c][m], errors[c][m] = zeros[c]
     clients = {}
     for i, c in enumerate(active):
         clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],

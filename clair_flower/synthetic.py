@@ -169,17 +169,21 @@ def _lowrank(B: np.ndarray, A: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarr
 def make_large_factors(
     n_clients: int, shape: tuple[int, int], rank: int, shared_rank: int = 8,
     frac_contaminated: float = 0.1, noise: float = 0.1, alpha: float = 32.0, seed: int = 0,
+    contaminated: frozenset[int] | None = None,
 ) -> tuple[dict[int, LoraFactors], np.ndarray, frozenset[int]]:
     """One module of float32 factors at LLM shape, generated factor-wise (never dense).
 
     Benign ``B_k = [U, noise * G_k]`` mixed by a random rotation, ``A_k`` Gaussian; contaminated
-    clients get fully random factors of the same norm. Returns (updates, U, contaminated).
+    clients get fully random factors of the same norm. ``contaminated`` fixes the set (a client
+    is contaminated in every module of a round); by default it is drawn from ``seed``.
+    Returns (updates, U, contaminated).
     """
     p, q = shape
     rng = np.random.default_rng(seed)
     U = np.linalg.qr(rng.standard_normal((p, shared_rank)).astype(np.float32))[0]
     n_bad = int(round(frac_contaminated * n_clients))
-    bad = frozenset(int(i) for i in rng.permutation(n_clients)[:n_bad])
+    drawn = frozenset(int(i) for i in rng.permutation(n_clients)[:n_bad])
+    bad = drawn if contaminated is None else frozenset(contaminated)
     scaling = alpha / rank
     out: dict[int, LoraFactors] = {}
     extra = rank - shared_rank
