@@ -46,6 +46,7 @@ class RunConfig:
     min_nodes: int = 2
     round_timeout: float = 600.0
     max_norm_ratio: float = 1000.0
+    resume: bool = False
     # task
     vocab_size: int = 32
     min_len: int = 4
@@ -118,6 +119,10 @@ class RunConfig:
             raise ConfigError(
                 f"output-dir must be an absolute path (the SuperLink's working directory is not "
                 f"yours), got {self.output_dir!r}")
+        if self.resume and not self.output_dir:
+            raise ConfigError(
+                "resume needs output-dir: checkpoints are read from the run's output directory, "
+                "and without output-dir every run gets a new, empty one")
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, object]) -> RunConfig:
