@@ -84,9 +84,20 @@ class RunWriter:
             os.fsync(fh.fileno())
 
     def read_rounds(self) -> list[dict]:
+        """The round records, in order. A cut-off last line (a crash mid-append) is skipped;
+        a malformed line before it is an error naming the line."""
         if not self.rounds_path.exists():
             return []
-        return [json.loads(line) for line in self.rounds_path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.rounds_path.read_text().splitlines(), 1) if line.strip()]
+        out = []
+        for j, (i, line) in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if j == len(lines) - 1:
+                    break
+                raise ValueError(f"{self.rounds_path} line {i} is not a JSON record: {err}") from None
+        return out
 
     def write_summary(self, summary: Mapping[str, object]) -> None:
         write_atomic(self.out_dir / SUMMARY_JSON, json.dumps(_clean(summary), indent=2) + "\n")
