@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore import log
 
+from clair_flower.checkpoint import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import factors_from_state_dict, factors_to_state_dict
 from clair_flower.validation import template_of
@@ -94,6 +95,19 @@ class ClairStrategy(PersonalizedLoraStrategy):
             c.pairs, c.flag_threshold, c.vote_threshold, c.in_subspace_stage)
         log(INFO, "\t├──> Flagged clients get: %s", c.flagged_policy)
         super().summary()
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """Adapters and consensus (see the base class), plus every node's flag history."""
+        state = super().export_state()
+        state.per_client_meta["flag-history"] = {n: list(h) for n, h in self.flag_history.items()}
+        return state
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Take back adapters, consensus and flag history (node ids remapped)."""
+        super().restore_state(state)
+        self.flag_history = {int(n): [int(f) for f in h]  # type: ignore[attr-defined]
+                             for n, h in state.per_client_meta.get("flag-history", {}).items()}
 
     # -- detection alone -------------------------------------------------------------------
     def _run(self, uploads: list[Upload]) -> ClairResult:

@@ -50,6 +50,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.supercore import log
 
+from clair_flower.checkpoint import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
 from strategies.personalized import weighted_mean_state
@@ -123,6 +124,21 @@ class ClairRoLoRA(RoLoRA):
             self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)", c.solver,
             c.lam, c.in_subspace_stage)
         self._log_common()
+
+    # -- checkpoint --------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """RoLoRA's phase counter, plus every node's refined factors and flag history."""
+        state = super().export_state()
+        state.per_client["refined"] = {n: dict(s) for n, s in self.refined.items()}
+        state.per_client_meta["flag-history"] = {n: list(h) for n, h in self.flag_history.items()}
+        return state
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Take back the phase counter, refined factors and flag history (node ids remapped)."""
+        super().restore_state(state)
+        self.refined = {int(n): dict(s) for n, s in state.per_client.get("refined", {}).items()}
+        self.flag_history = {int(n): [int(f) for f in h]  # type: ignore[attr-defined]
+                             for n, h in state.per_client_meta.get("flag-history", {}).items()}
 
     # -- uploads as LoRA updates -------------------------------------------------------
     def _as_factors(self, upload: State, factor: str) -> dict[str, LoraFactors]:

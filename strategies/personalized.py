@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from clair_flower.checkpoint import StrategyState
 from clair_flower.validation import template_of
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
 from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
@@ -60,6 +61,25 @@ class PersonalizedLoraStrategy(Strategy):
 
         Returns the round's strategy metrics (plain python values).
         """
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """Per-node adapters and the consensus, for a checkpoint.
+
+        Returns
+        -------
+        StrategyState
+            ``per_client["adapters"]`` keyed by node id, ``shared["consensus"]`` once set.
+        """
+        shared = {} if self.consensus is None else {"consensus": dict(self.consensus)}
+        return StrategyState(shared=shared,
+                             per_client={"adapters": {n: dict(s) for n, s in self.adapters.items()}})
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Take back the adapters and consensus of :meth:`export_state` (node ids remapped)."""
+        self.adapters = {int(n): dict(s) for n, s in state.per_client.get("adapters", {}).items()}
+        consensus = state.shared.get("consensus")
+        self.consensus = dict(consensus) if consensus is not None else None
 
     # -- shared machinery ----------------------------------------------------------------
     def adapter_for(self, node_id: int) -> State:

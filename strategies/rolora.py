@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from clair_flower.checkpoint import CheckpointError, StrategyState
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
 from strategies.personalized import weighted_mean_state
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
@@ -115,6 +116,27 @@ class RoLoRA(Strategy):
     def current_factor(self) -> str:
         """Factor the next train round trains (see the module docstring's parity rule)."""
         return factor_for(self.completed_aggregations, self.first_factor)
+
+    # -- checkpoint --------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """The phase counter (the parity rule's completed aggregations) and first factor.
+
+        The full adapter is the global arrays ``Strategy.start`` carries; the checkpoint
+        saves those separately, and ``configure_train`` takes them back each round.
+        """
+        return StrategyState(meta={"completed-aggregations": self.completed_aggregations,
+                                   "first-factor": self.first_factor})
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Continue the alternation where the checkpoint left it."""
+        first = state.meta.get("first-factor", self.first_factor)
+        if first != self.first_factor:
+            raise CheckpointError(f"the checkpoint alternates from factor {first}, this strategy "
+                                  f"from {self.first_factor}")
+        completed = state.meta.get("completed-aggregations")
+        if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
+            raise CheckpointError(f"checkpoint 'completed-aggregations' must be a count, got {completed!r}")
+        self.completed_aggregations = completed
 
     def summary(self) -> None:
         log(INFO, "\t├──> RoLoRA: alternating factors, first %s, exact aggregation of the trained factor",

@@ -16,9 +16,10 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.supercore import log
 
+from clair_flower.checkpoint import CheckpointError, HasServerState, StrategyState
 from clair_flower.validation import UpdateRejected, absurd_norms, check_state, state_norm, template_of
 from strategies.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord
 
@@ -145,6 +146,12 @@ def common_scalar_metrics(metrics: list[Mapping[str, object]]) -> list[str]:
     return sorted(k for k in keys if all(not isinstance(m[k], list) for m in metrics))
 
 
+# Flower strategies whose only state between rounds is the global arrays ``start`` carries
+# (checked against flwr 1.41's source). FedAvgM and the FedOpt family keep momenta: not here.
+STATELESS_FLOWER_STRATEGIES: tuple[type[Strategy], ...] = (FedAvg, FedProx, FedMedian, FedTrimmedAvg,
+                                                           Krum, MultiKrum, Bulyan)
+
+
 class ScreenedStrategy(Strategy):
     """Any Flower strategy, fed only the replies that pass a :class:`ReplyScreen`.
 
@@ -164,6 +171,35 @@ class ScreenedStrategy(Strategy):
         log(INFO, "\t└──> Reply screen: max norm ratio %g, any rank %s",
             self.screen.max_norm_ratio, self.screen.any_rank)
 
+    # -- checkpoint ----------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """The wrapped strategy's state: its own export, or none for a stateless Flower one.
+
+        Raises
+        ------
+        CheckpointError
+            If the wrapped strategy keeps state between rounds that cannot be exported.
+        """
+        if isinstance(self.strategy, HasServerState):
+            return self.strategy.export_state()
+        if type(self.strategy) in STATELESS_FLOWER_STRATEGIES:
+            return StrategyState()
+        raise CheckpointError(f"{type(self.strategy).__name__} may keep state between rounds that "
+                              f"cannot be checkpointed (only {', '.join(t.__name__ for t in STATELESS_FLOWER_STRATEGIES)} "
+                              f"or strategies with export_state/restore_state)")
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Hand ``state`` to the wrapped strategy (nothing to restore for a stateless one)."""
+        if isinstance(self.strategy, HasServerState):
+            self.strategy.restore_state(state)
+        elif type(self.strategy) in STATELESS_FLOWER_STRATEGIES:
+            if state.shared or state.per_client or state.meta or state.per_client_meta:
+                raise CheckpointError(f"the checkpoint holds strategy state, but "
+                                      f"{type(self.strategy).__name__} keeps none")
+        else:
+            self.export_state()  # raises the same error as at save time
+
+    # -- rounds ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.template = template_of(from_arrayrecord(arrays))
