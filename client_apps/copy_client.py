@@ -197,6 +197,21 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds.
+
+    Node ids are new in every run; a resumed ServerApp asks every node this once, before its
+    first round, to hand each node the per-client state its partition left in the checkpoint.
+    """
+    try:
+        pid, n = partition(context)
+    except ValueError as err:
+        return _error_reply(msg, err)
+    return Message(RecordDict({METRICS_KEY: to_metricrecord({"partition-id": pid, "num-partitions": n})}),
+                   reply_to=msg)
+
+
 def _backdoor_success(cfg: RunConfig, model, data: ClientData) -> float:  # noqa: ANN001
     """Exact-sequence rate at which triggered test inputs produce the backdoor target."""
     x = data.test_inputs.numpy()

@@ -31,17 +31,24 @@ class InProcessGrid(Grid):
     """Deliver every message to ``client_app`` in-process; nodes are ``1 .. N``.
 
     ``drop`` decides, per (round, node), that a node misses a round (a dropout).
+    ``node_ids`` replaces the default ids ``1 .. N`` (one per node config), e.g. to give a
+    resumed run new ids, as Flower's runtime does.
     """
 
     def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]],
                  run_config: Mapping[str, Any], *, run_id: int = 1,
-                 drop: Callable[[int, int], bool] | None = None) -> None:
+                 drop: Callable[[int, int], bool] | None = None,
+                 node_ids: list[int] | None = None) -> None:
         set_task_identity(run_id)
+        ids = list(range(1, len(node_configs) + 1)) if node_ids is None else [int(n) for n in node_ids]
+        if len(ids) != len(node_configs) or len(set(ids)) != len(ids) or SERVER_NODE_ID in ids:
+            raise ValueError(f"node_ids must be {len(node_configs)} distinct ids other than "
+                             f"{SERVER_NODE_ID}, got {node_ids}")
         self.client_app = client_app
         self.run_config = dict(run_config)
-        self.contexts = {i + 1: Context(run_id=run_id, node_id=i + 1, node_config=dict(nc),
-                                        state=RecordDict(), run_config=dict(run_config))
-                         for i, nc in enumerate(node_configs)}
+        self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=dict(nc),
+                                      state=RecordDict(), run_config=dict(run_config))
+                         for nid, nc in zip(ids, node_configs)}
         self.drop = drop
         self._run = None
 

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from clair_flower.results import RunWriter, detection_rates
+from server_apps.checkpointing import RoundCheckpoints
 
 GROUND_TRUTH_KEY = "contaminated"
 PARTITION_KEY = "partition-id"
@@ -63,16 +64,38 @@ def _mean(values: list[float]) -> float | None:
 
 
 class RecordingStrategy(Strategy):
-    """Wrap ``strategy``; write a round record to ``writer`` after each evaluation."""
+    """Wrap ``strategy``; write a round record to ``writer`` after each evaluation.
 
-    def __init__(self, strategy: Strategy, writer: RunWriter, *, label: str, oracle: bool = False) -> None:
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that does the work.
+    writer : RunWriter
+        Where round records go.
+    label : str
+        Strategy name in the records and logs.
+    oracle : bool
+        Feed the wrapped strategy only the truly benign train replies.
+    round_offset : int
+        Rounds completed before this ``start`` (a resumed run): ``Strategy.start`` counts
+        from 1, while the wrapped strategy, the clients and the records see the true round
+        ``server_round + round_offset``.
+    checkpoints : RoundCheckpoints, optional
+        Saves the server state after each round's record is written.
+    """
+
+    def __init__(self, strategy: Strategy, writer: RunWriter, *, label: str, oracle: bool = False,
+                 round_offset: int = 0, checkpoints: RoundCheckpoints | None = None) -> None:
         self.strategy = strategy
         self.writer = writer
         self.label = label
         self.oracle = oracle
+        self.round_offset = round_offset
+        self.checkpoints = checkpoints
         self.partition_of: dict[int, int] = {}
         self.truth: dict[int, int] = {}
         self.rounds: list[dict[str, object]] = []
+        self.arrays: ArrayRecord | None = None
         self._round: dict[str, object] = {}
         self._t_round = 0.0
 
@@ -82,7 +105,9 @@ class RecordingStrategy(Strategy):
     # -- training ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._t_round = time.perf_counter()
+        self.arrays = arrays
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         down = [_message_bytes(m) for m in messages]
         self._round = {"round": server_round, "num-sampled": len(messages),
@@ -101,6 +126,7 @@ class RecordingStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         self._learn_identities(replies)
         if self.oracle:
@@ -111,6 +137,8 @@ class RecordingStrategy(Strategy):
         t0 = time.perf_counter()
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         server_seconds = time.perf_counter() - t0
+        if arrays is not None:
+            self.arrays = arrays  # what Strategy.start carries into the next round
         self._round.update({
             "num-replies": len(ok), "bytes-up": int(np.mean(up)) if up else 0,
             "bytes-up-total": int(sum(up)), "server-seconds": server_seconds,
@@ -142,9 +170,10 @@ class RecordingStrategy(Strategy):
     # -- evaluation ----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         per_client = self._per_client_eval(replies)
         agg = self.strategy.aggregate_evaluate(server_round, replies)
@@ -183,6 +212,9 @@ class RecordingStrategy(Strategy):
         self.rounds.append(rec)
         self.writer.append_round(rec)
         self._log_round(rec)
+        if self.checkpoints is not None and self.arrays is not None:
+            # After the record: a checkpoint of round N means rounds 1..N are in the log.
+            self.checkpoints.save(server_round, self.arrays, self.strategy, self.partition_of)
 
     def _log_round(self, rec: Mapping[str, object]) -> None:
         flags = ""

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from clair_flower.checkpoint import Checkpoint
 from clair_flower.config import RunConfig, base_task_config, lora_spec, model_config
 from clair_flower.model import load_base_model, wrap_lora
 from clair_flower.peft_io import get_adapter_arrays
 from clair_flower.results import RunWriter, last_value, mean_value
+from server_apps.checkpointing import RoundCheckpoints, query_partitions
 from server_apps.recording import RecordingStrategy
 from server_apps.strategy_factory import build_strategy
 from strategies.records import to_arrayrecord
@@ -51,29 +53,81 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 120.0) -> int:
     return len(nodes)
 
 
+def _resume_point(cfg: RunConfig, checkpoints: RoundCheckpoints) -> Checkpoint | None:
+    """The checkpoint to continue from, or ``None`` for a fresh start (logged either way).
+
+    With ``resume`` and no checkpoint in the output directory the run starts from round 1:
+    a job script may always pass ``resume=true`` and be restarted after any interruption.
+    """
+    if not cfg.resume:
+        checkpoints.clear()
+        return None
+    ckpt = checkpoints.latest()
+    if ckpt is None:
+        log(WARNING, "clair-flower: resume: no checkpoint in %s, starting afresh from round 1",
+            checkpoints.directory)
+        checkpoints.clear()  # leftovers of an interrupted write, if any
+        return None
+    log(INFO, "clair-flower: resume: checkpoint of round %d found in %s; continuing with round %d of %d",
+        ckpt.round, checkpoints.directory, ckpt.round + 1, cfg.num_server_rounds)
+    return ckpt
+
+
+def _previous_rounds(writer: RunWriter, done: int) -> list[dict[str, object]]:
+    """The round records of the rounds a resumed run does not repeat."""
+    rounds = writer.read_rounds()
+    if [int(r["round"]) for r in rounds] != list(range(1, done + 1)):
+        log(WARNING, "clair-flower: resume: %s holds rounds %s, not 1..%d; the summary covers "
+            "what is there", writer.rounds_path, [r["round"] for r in rounds], done)
+    return rounds
+
+
 def run_federation(grid: Grid, run_config: Mapping[str, object]) -> dict[str, object]:
-    """Validate the config, run every round with the chosen strategy, write the results."""
+    """Validate the config, run every round with the chosen strategy, write the results.
+
+    With ``resume`` the run continues from the last checkpoint in ``output-dir`` up to round
+    ``num-server-rounds``; the round log continues too.
+    """
     cfg = RunConfig.from_mapping(run_config)
     out_dir = resolve_output_dir(cfg)
     writer = RunWriter(out_dir)
-    writer.reset_rounds()
-    num_nodes = _wait_for_nodes(grid, cfg.min_nodes)
+    checkpoints = RoundCheckpoints(out_dir, cfg)
+    ckpt = _resume_point(cfg, checkpoints)
+    done = ckpt.round if ckpt is not None else 0
+    writer.reset_rounds(keep_up_to=done)
+    expected = int(ckpt.info.get("num-nodes", 0)) if ckpt is not None else 0  # type: ignore[call-overload]
+    num_nodes = _wait_for_nodes(grid, max(cfg.min_nodes, expected))
+    if ckpt is not None and expected and num_nodes != expected:
+        log(WARNING, "clair-flower: resume: %d nodes connected, the checkpointed run had %d",
+            num_nodes, expected)
+    checkpoints.num_nodes = num_nodes
     strategy = build_strategy(cfg, num_nodes)
-    recorder = RecordingStrategy(strategy, writer, label=cfg.strategy, oracle=cfg.strategy == "oracle")
-    log(INFO, "clair-flower: strategy %s on %d nodes, %d rounds; results in %s",
-        cfg.strategy, num_nodes, cfg.num_server_rounds, out_dir)
+    recorder = RecordingStrategy(strategy, writer, label=cfg.strategy, oracle=cfg.strategy == "oracle",
+                                 round_offset=done, checkpoints=checkpoints)
+    if ckpt is not None:
+        recorder.partition_of.update(query_partitions(grid, grid.get_node_ids(), cfg.round_timeout))
+        initial_arrays = checkpoints.restore(strategy, ckpt, recorder.partition_of)
+        recorder.rounds = _previous_rounds(writer, done)
+    else:
+        initial_arrays = to_arrayrecord(initial_adapter(cfg))
+    log(INFO, "clair-flower: strategy %s on %d nodes, rounds %d to %d; results in %s",
+        cfg.strategy, num_nodes, done + 1, cfg.num_server_rounds, out_dir)
     t0 = time.time()
-    recorder.start(grid=grid, initial_arrays=to_arrayrecord(initial_adapter(cfg)),
-                   num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    if done < cfg.num_server_rounds:
+        recorder.start(grid=grid, initial_arrays=initial_arrays,
+                       num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout,
+                       train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    else:
+        log(INFO, "clair-flower: resume: all %d rounds were already done; summary rewritten",
+            cfg.num_server_rounds)
     summary = summarize(cfg, recorder.rounds, num_nodes, time.time() - t0, out_dir)
+    if ckpt is not None:
+        summary["resumed-after-round"] = done
     writer.write_summary(summary)
     writer.write_plots(recorder.rounds, cfg.strategy)
     log(INFO, "clair-flower: final benign token-acc %s; summary in %s",
         summary.get("final-benign-token-acc"), out_dir / "summary.json")
     return summary
-
-
 
 
 def summarize(cfg: RunConfig, rounds: list[dict[str, object]], num_nodes: int, seconds: float,
