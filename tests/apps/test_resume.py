@@ -161,3 +161,40 @@ def test_query_failure_names_the_node(task_identity: None) -> None:
     grid = InProcessGrid(no_query, simulation_node_configs(2), {})
     with pytest.raises(CheckpointError, match=r"node 1: .*No query function registered"):
         query_partitions(grid, grid.get_node_ids(), timeout=5)
+
+
+@pytest.mark.slow
+def test_resume_on_ray(tmp_path: Path) -> None:
+    """``flwr run`` twice: new node ids, the QUERY round through the real runtime."""
+    import subprocess
+    import sys
+
+    from server_apps.local_superlink import stop_pids, superlink_pids
+    from tests.apps.test_flwr_run import ROOT, flwr_env
+
+    from server_apps.runner import initial_adapter
+
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    tiny = {k: v for k, v in TINY.items() if not k.startswith("attack")}
+    initial_adapter(RunConfig.from_mapping(tiny))  # pre-train the base model here, not on Ray
+    settings = " ".join(f"{k}={v}" for k, v in tiny.items())
+
+    def flwr_run(rounds: int, resume: bool) -> None:
+        cmd = [flwr, "run", ".", "--stream", "--run-config",
+               f"{settings} num-server-rounds={rounds} strategy='clair' output-dir='{out}' "
+               f"resume={str(resume).lower()}",
+               "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=flwr_env(home), capture_output=True, text=True, timeout=540)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    try:
+        flwr_run(1, resume=False)
+        flwr_run(2, resume=True)
+    finally:
+        stop_pids(superlink_pids(home))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num-rounds"] == 2 and summary["resumed-after-round"] == 1
+    assert [json.loads(x)["round"] for x in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2]
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt.round == 2 and set(ckpt.state.per_client["adapters"]) == {0, 1, 2}
