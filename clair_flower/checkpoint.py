@@ -77,6 +77,21 @@ class StrategyState:
             ids.update(by_client)
         return ids
 
+    def per_client_int_lists(self, name: str) -> dict[int, list[int]]:
+        """``per_client_meta[name]`` as one list of integers per client (e.g. flag history).
+
+        Raises
+        ------
+        CheckpointError
+            If a client's value is not a list of integers.
+        """
+        out: dict[int, list[int]] = {}
+        for cid, value in self.per_client_meta.get(name, {}).items():
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise CheckpointError(f"checkpoint '{name}' of client {cid} must be a list of integers, got {value!r}")
+            out[int(cid)] = list(value)
+        return out
+
     def rekeyed(self, key_of: Mapping[int, int], what: str = "client") -> StrategyState:
         """The same state with every client key ``k`` replaced by ``key_of[k]``.
 

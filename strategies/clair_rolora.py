@@ -137,8 +137,7 @@ class ClairRoLoRA(RoLoRA):
         """Take back the phase counter, refined factors and flag history (node ids remapped)."""
         super().restore_state(state)
         self.refined = {int(n): dict(s) for n, s in state.per_client.get("refined", {}).items()}
-        self.flag_history = {int(n): [int(f) for f in h]  # type: ignore[attr-defined]
-                             for n, h in state.per_client_meta.get("flag-history", {}).items()}
+        self.flag_history = state.per_client_int_lists("flag-history")
 
     # -- uploads as LoRA updates -------------------------------------------------------
     def _as_factors(self, upload: State, factor: str) -> dict[str, LoraFactors]:

@@ -110,6 +110,15 @@ def test_rekeying_needs_every_client() -> None:
         state.rekeyed({0: 1, 3: 1, 7: 2})
 
 
+def test_per_client_lists_are_checked() -> None:
+    state = _checkpoint().state
+    assert state.per_client_int_lists("flag-history") == {0: [0, 1], 7: [1]}
+    assert state.per_client_int_lists("absent") == {}
+    state.per_client_meta["flag-history"][7] = "1"
+    with pytest.raises(CheckpointError, match="'flag-history' of client 7 must be a list of integers"):
+        state.per_client_int_lists("flag-history")
+
+
 def test_bad_metadata_writes_nothing(tmp_path) -> None:
     ckpt = _checkpoint()
     ckpt.state.meta["when"] = object()
