@@ -1,6 +1,6 @@
 """The experiment runner: a grid of federations from one TOML file, and the report.
 
-Run ``python -m server_apps.experiments configs/smoke.toml [--out DIR] [--jobs 1]``.
+Run ``python -m server_apps.experiments configs/smoke.toml [--out DIR] [--jobs 1] [--threads 1]``.
 
 A grid file has a name, the federation size, the run-config overrides every cell shares,
 and one or more ``[[grid]]`` tables. In a ``[[grid]]`` table a list value is an axis and
@@ -307,21 +307,30 @@ class Progress:
                   f"elapsed {_clock(time.time() - self.t0)}, ETA {_clock(float(eta))}")
 
 
-def _run_cell_timed(cell: Cell, out: Path) -> tuple[dict[str, object], float]:
+def _run_cell_timed(cell: Cell, out: Path, threads: int | None = None) -> tuple[dict[str, object], float]:
     """Run a cell and keep its wall and CPU seconds next to its results.
 
     CPU seconds are what sizes a grid on a shared machine: wall time there depends on
-    everybody else's load, CPU time much less.
+    everybody else's load, CPU time much less. ``threads`` sets torch's intra-op threads
+    for the cell (restored afterwards); local training already uses one.
     """
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     t0, c0 = time.time(), time.process_time()
-    run_cell(cell, out)
+    try:
+        run_cell(cell, out)
+    finally:
+        torch.set_num_threads(old_threads)
     wall, cpu = time.time() - t0, time.process_time() - c0
     write_atomic(cell.out_dir(out) / TIMING_FILE, json.dumps({"cell-wall-seconds": wall, "cell-cpu-seconds": cpu}))
     return cell_row(cell, out), wall
 
 
 def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1,
-             emit: Callable[[str], None] = print) -> list[dict[str, object]]:
+             emit: Callable[[str], None] = print, threads: int | None = None) -> list[dict[str, object]]:
     """Run every cell not yet done (``jobs`` processes), return one row per cell in order."""
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(cells), emit)
@@ -335,14 +344,14 @@ def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1,
             todo.append(cell)
     if jobs <= 1:
         for cell in todo:
-            rows[cell.name], secs = _run_cell_timed(cell, out)
+            rows[cell.name], secs = _run_cell_timed(cell, out, threads)
             progress.finished(cell, rows[cell.name], secs)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_cell_timed, cell, out): cell for cell in todo}
+            futures = {pool.submit(_run_cell_timed, cell, out, threads): cell for cell in todo}
             for fut in as_completed(futures):
                 rows[futures[fut].name], secs = fut.result()
                 progress.finished(futures[fut], rows[futures[fut].name], secs)
@@ -434,12 +443,55 @@ def gain_over_local(rows: Sequence[Mapping[str, object]], method: str = "clair"
     return out
 
 
+def _seeds(rows: Iterable[Mapping[str, object]]) -> list[int]:
+    return sorted({int(r["seed"]) for r in rows})  # type: ignore[call-overload]
+
+
+def gain_by_seed(rows: Sequence[Mapping[str, object]], method: str = "clair"
+                 ) -> dict[tuple[str, int], dict[int, float]]:
+    """{(attack, rank): {seed: method's final benign token-acc minus local's}}, same seed only."""
+    out: dict[tuple[str, int], dict[int, float]] = {}
+    acc = {(r["strategy"], r["attack"], int(r["lora-rank"]), int(r["seed"])): r.get("final-benign-token-acc")  # type: ignore[call-overload]
+           for r in rows}
+    for (strat, attack, rank, seed), mine in acc.items():
+        local = acc.get(("local", attack, rank, seed))
+        if strat == method and mine is not None and local is not None:
+            out.setdefault((str(attack), rank), {})[seed] = float(mine) - float(local)  # type: ignore[arg-type]
+    return out
+
+
+def seed_spread(rows: Sequence[Mapping[str, object]]) -> list[list[object]]:
+    """One row per configuration run with more than one seed: the final benign token
+    accuracy of each seed, their mean and range (max - min), and for the flagging methods
+    each seed's final TPR and FPR, so the tables' seed means can be read with their spread."""
+    done = _done(rows)
+    seeds = _seeds(done)
+    groups: dict[tuple[object, ...], dict[int, Mapping[str, object]]] = {}
+    for r in done:
+        key = (r["strategy"], r["attack"], r["attack-fraction"], r["lora-rank"])
+        groups.setdefault(key, {})[int(r["seed"])] = r  # type: ignore[call-overload]
+    out = []
+    for key in sorted((k for k, g in groups.items() if len(g) > 1),
+                      key=lambda k: (str(k[1]), float(k[2]), int(k[3]),  # type: ignore[arg-type, call-overload]
+                                     STRATEGY_ORDER.index(k[0]) if k[0] in STRATEGY_ORDER else 99)):
+        g = groups[key]
+        accs = [g[s].get("final-benign-token-acc") if s in g else None for s in seeds]
+        vals = [float(a) for a in accs if a is not None]  # type: ignore[arg-type]
+        flags = key[0] in FLAGGING
+        tpr = [g[s].get("final-tpr") if flags and s in g else None for s in seeds]
+        fpr = [g[s].get("final-fpr") if flags and s in g else None for s in seeds]
+        out.append([*key, *accs, float(np.mean(vals)) if vals else None,
+                    float(max(vals) - min(vals)) if vals else None, *tpr, *fpr])
+    return out
+
+
 def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
     """The report page: the attack tables, detection, the fraction and r/p sweeps, failures."""
     f, r = grid.headline_fraction, grid.headline_rank
     parts = [f"# Experiment grid: {grid.name}", "",
              f"{len(_done(rows))} of {len(rows)} cells done. Values are final-round means over benign "
-             f"clients (mean over seeds where a cell has several).", ""]
+             f"clients (mean over seeds where a cell has several: seeds {_seeds(_done(rows))} in this grid; "
+             f"\"Seed spread\" lists which configurations have more than one, and each seed's value).", ""]
     head = attack_rows(rows, grid)
     parts.append(_md_pivot(f"Final benign token accuracy, method x attack (fraction {f:g}, rank {r})",
                            head, "strategy", "attack", "final-benign-token-acc", STRATEGY_ORDER))
@@ -463,16 +515,31 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
                                "final-benign-token-acc", col_order=STRATEGY_ORDER))
         gains = [g for g in gain_over_local(sel) if g[0] == attack]
         if gains:
+            seeds = _seeds(sel) if len(_seeds(sel)) > 1 else []
+            per_seed = gain_by_seed(sel)
+            header = ["lora-rank", "r/p", "clair - local (token acc" + (", seed mean)" if seeds else ")")]
+            table = [[g[1], g[2], g[3]] + [per_seed.get((str(attack), g[1]), {}).get(s) for s in seeds]
+                     for g in gains]
             parts.append(f"### CLAIR's gain over local vs r/p ({attack})\n\n"
-                         + markdown_table(["lora-rank", "r/p", "clair - local (token acc)"],
-                                          [[g[1], g[2], g[3]] for g in gains]) + "\n")
+                         + markdown_table(header + [f"seed {s}" for s in seeds], table) + "\n")
+    spread = seed_spread(rows)
+    if spread:
+        seeds = _seeds(_done(rows))
+        parts.append("### Seed spread (configurations run with several seeds; range = max - min)\n\n"
+                     + markdown_table(["strategy", "attack", "fraction", "rank"]
+                                      + [f"token acc s{s}" for s in seeds] + ["mean", "range"]
+                                      + [f"TPR s{s}" for s in seeds] + [f"FPR s{s}" for s in seeds], spread) + "\n")
     cost = [[x["cell"], x.get("wall-seconds"), x.get("cell-cpu-seconds"), x.get("total-server-seconds"),
              x.get("total-bytes-up"), x.get("fallback-rounds")] for x in _done(rows)]
     if cost:
+        total = lambda key: sum(float(x.get(key) or 0.0) for x in _done(rows))  # noqa: E731
         parts.append("### Per-cell cost (fallback rounds: CLAIR fell back instead of refining)\n\n"
                      + markdown_table(["cell", "federation wall s", "cell CPU s", "server s (total)",
                                        "bytes up (total)", "fallback rounds"],
-                                      cost, digits=1) + "\n")
+                                      cost, digits=1)
+                     + f"\nSum over the {len(cost)} done cells: cell wall {total('cell-wall-seconds'):.0f} s, "
+                       f"cell CPU {total('cell-cpu-seconds'):.0f} s, strategy server step "
+                       f"{total('total-server-seconds'):.0f} s.\n")
     bad = [x for x in rows if x.get("status") != "done"]
     if bad:
         parts.append("### Cells not done\n\n" + markdown_table(
@@ -662,9 +729,10 @@ def run_cell_flwr(cell: Cell, out: Path, timeout: float = 1800.0) -> tuple[dict[
     return cell_row(cell, flwr_out), time.time() - t0
 
 
-def compare_flwr(cells: Sequence[Cell], out: Path, emit: Callable[[str], None] = print) -> list[dict[str, object]]:
+def compare_flwr(cells: Sequence[Cell], out: Path, emit: Callable[[str], None] = print,
+                 threads: int | None = None) -> list[dict[str, object]]:
     """Each headline cell on Ray next to the in-process run of the same cell (same seed)."""
-    inproc = {r["cell"]: r for r in run_grid(cells, out, emit=emit)}
+    inproc = {r["cell"]: r for r in run_grid(cells, out, emit=emit, threads=threads)}
     result = []
     for cell in cells:
         emit(f"flwr run . ({cell.num_nodes} supernodes on Ray): {cell.name} ...")
@@ -700,6 +768,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     parser.add_argument("--flwr", action="store_true",
                         help="run the grid's flwr-cells through `flwr run .` on Ray and compare with in-process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads per in-process cell (default 1, as each Ray client gets "
+                             "1 CPU; 0 keeps torch's default). A second thread mostly spins on a shared machine")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round INFO log")
     return parser.parse_args(argv)
 
@@ -725,11 +796,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cells:
             print("error: the grid file lists no flwr-cells", file=sys.stderr)
             return 2
-        compare_flwr(cells, out)
+        compare_flwr(cells, out, threads=args.threads)
         print(f"comparison in {out / 'flwr_comparison.md'} ({time.time() - t0:.0f} s)")
         return 0
     print(f"grid {grid.name}: {len(grid.cells)} cells -> {out}")
-    rows = run_grid(grid.cells, out, jobs=args.jobs)
+    rows = run_grid(grid.cells, out, jobs=args.jobs, threads=args.threads)
     paths = write_report(rows, out, grid)
     print(f"grid {grid.name}: {len(_done(rows))}/{len(rows)} cells done, wall {_clock(time.time() - t0)}; wrote "
           + ", ".join(p.name for p in paths))
