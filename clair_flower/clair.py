@@ -44,7 +44,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,7 +92,12 @@ class ClairConfig:
     penalty: float = 0.01
     """Penalized form: ``mu = penalty * ||X||_2`` on the normalised stack."""
     z_threshold: float = 3.5
-    """In-subspace stage: robust z-score above which a client is flagged."""
+    """Robust z-score above which a client is flagged: by the in-subspace stage, and by the
+    score when the vote is inconclusive."""
+    z_memory: int = 3
+    """Inconclusive vote: a client is also flagged when the mean of its score's robust z over
+    this round and its last ``z_memory - 1`` rounds (``prior_z`` of :func:`run_clair`) is above
+    ``z_threshold``, so a persistent outlier is not lost to one round's dip."""
     rank_rtol: float = 0.05
     consistency_tol: float = 0.02
     path_points: int = 12
@@ -117,6 +122,8 @@ class ClairConfig:
             raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be None or >= 1, got {self.rank}")
+        if self.z_memory < 1:
+            raise ValueError(f"z_memory must be >= 1, got {self.z_memory}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be None or >= 1, got {self.workers}")
 
@@ -132,6 +139,8 @@ class ClientReport:
     in_subspace_z: float | None = None
     clean_vote: float = 0.0
     """Flagged fraction of the pairs whose partner is not flagged (the decision statistic)."""
+    score_z: float = 0.0
+    """Robust z-score of ``score`` among this round's clients (what a caller keeps as history)."""
 
 
 @dataclass
@@ -404,17 +413,32 @@ def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np
 
 
 def run_clair(updates: Mapping[ClientId, Mapping[str, LoraFactors | np.ndarray]],
-              cfg: ClairConfig | None = None) -> ClairResult:
-    """Run CLAIR on one round of uploads; see the module docstring and DESIGN section 3."""
+              cfg: ClairConfig | None = None,
+              prior_z: Mapping[ClientId, Sequence[float]] | None = None) -> ClairResult:
+    """Run CLAIR on one round of uploads; see the module docstring and DESIGN section 3.
+
+    ``prior_z`` maps a client to its ``score_z`` of earlier rounds (oldest first); it only
+    matters when the vote is inconclusive (see ``ClairConfig.z_memory``).
+    """
     cfg = cfg or ClairConfig()
     cfg.validate()
     if cfg.blas_threads is None:
-        return _run_clair(updates, cfg)
+        return _run_clair(updates, cfg, prior_z or {})
     with blas_threads(cfg.blas_threads):
-        return _run_clair(updates, cfg)
+        return _run_clair(updates, cfg, prior_z or {})
 
 
-def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
+def _persistent_outliers(active: list, z: np.ndarray, prior_z: Mapping, cfg: ClairConfig) -> np.ndarray:
+    """``z > z_threshold``, or the mean z over the last ``z_memory`` rounds above it."""
+    out = z > cfg.z_threshold
+    for i, c in enumerate(active):
+        recent = [float(v) for v in prior_z.get(c, ())][-(cfg.z_memory - 1):] if cfg.z_memory > 1 else []
+        if recent and np.mean([*recent, z[i]]) > cfg.z_threshold:
+            out[i] = True
+    return out
+
+
+def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairResult:
     t0 = time.perf_counter()
     cids, modules, fac = _validate(updates)
     zero = [c for c in cids if all(_is_zero(fac[m][c]) for m in modules)]
@@ -431,11 +455,12 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     combined = detection.combine_modules(evidence)
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
+    score_z = detection.robust_z(votes.score)
     inconclusive = 2 * int(flagged.sum()) >= n
     if inconclusive:
         # A flagged majority contradicts the model (contaminated clients are a minority):
         # the vote is inconclusive, so only robust outliers of the continuous score are flagged.
-        flagged = detection.robust_z(votes.score) > cfg.z_threshold
+        flagged = _persistent_outliers(active, score_z, prior_z, cfg)
     _set_subspaces(mod_out, modules, pairs, flagged, cfg.rank)
     z_scores = None
     if cfg.in_subspace_stage:
@@ -472,9 +497,9 @@ def _run_clair(updates: Mapping, cfg: ClairConfig) -> ClairResult:
     clients = {}
     for i, c in enumerate(active):
         clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],
-                                  errors[c], reason=_reason(i, votes, flagged),
+                                  errors[c], reason=_reason(i, votes, flagged, inconclusive),
                                   in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]),
-                                  clean_vote=float(votes.clean_vote[i]))
+                                  clean_vote=float(votes.clean_vote[i]), score_z=float(score_z[i]))
     for c in zero:
         clients[c] = ClientReport(1.0, float("inf"), True, refined[c], errors[c], reason="all-zero update",
                                   clean_vote=1.0)
@@ -502,8 +527,10 @@ def _set_subspaces(mod_out: dict, modules, pairs, flagged: np.ndarray, rank: int
         mod_out[m]["diagnostics"]["rank"] = r_hat
 
 
-def _reason(i: int, votes: detection.Votes, flagged: np.ndarray) -> str:
-    if votes.flagged[i]:
+def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, inconclusive: bool) -> str:
+    if inconclusive and flagged[i]:
+        return "score outlier (vote inconclusive)"
+    if votes.flagged[i] and flagged[i]:
         return "off-subspace majority vote"
     if flagged[i]:
         return "in-subspace stage"

@@ -85,6 +85,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
             cfg_kwargs["flag_threshold"] = flag_threshold
         self.config = ClairConfig(**cfg_kwargs)  # type: ignore[arg-type]
         self.flag_history: dict[int, list[int]] = {}
+        self.score_z_history: dict[int, list[float]] = {}
 
     def summary(self) -> None:
         c = self.config
@@ -101,18 +102,21 @@ class ClairStrategy(PersonalizedLoraStrategy):
         """Adapters and consensus (see the base class), plus every node's flag history."""
         state = super().export_state()
         state.per_client_meta["flag-history"] = {n: list(h) for n, h in self.flag_history.items()}
+        state.per_client_meta["score-z-history"] = {n: list(h) for n, h in self.score_z_history.items()}
         return state
 
     def restore_state(self, state: StrategyState) -> None:
         """Take back adapters, consensus and flag history (node ids remapped)."""
         super().restore_state(state)
         self.flag_history = state.per_client_int_lists("flag-history")
+        self.score_z_history = {int(n): [float(z) for z in h]  # type: ignore[attr-defined]
+                                for n, h in state.per_client_meta.get("score-z-history", {}).items()}
 
     # -- detection alone -------------------------------------------------------------------
-    def _run(self, uploads: list[Upload]) -> ClairResult:
+    def _run(self, uploads: list[Upload], prior_z: dict[int, list[float]] | None = None) -> ClairResult:
         updates = {u.node_id: factors_from_state_dict(u.state, self.lora_alpha, self.use_rslora)
                    for u in uploads}
-        return run_clair(updates, self.config)
+        return run_clair(updates, self.config, prior_z)
 
     def detect(self, replies: Iterable[Message]) -> Detection:
         """Flags and scores of the nodes in ``replies``, without aggregating anything.
@@ -137,7 +141,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
             return {"clair-fallback": 1, "num-flagged": 0}
         t0 = time.perf_counter()
         try:
-            result = self._run(uploads)
+            result = self._run(uploads, self.score_z_history)
         except Exception as err:  # noqa: BLE001 - a failed solve must not end the ServerApp
             # Documented fallback: every stored adapter stays as it was for this round.
             log(WARNING, "CLAIR failed this round (%s: %s): adapters kept as they were",
@@ -147,6 +151,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
         for nid, client in result.clients.items():
             self.adapters[nid] = factors_to_state_dict(client.refined)
             self.flag_history.setdefault(nid, []).append(int(client.flagged))
+            self.score_z_history.setdefault(nid, []).append(float(client.score_z))
         self.consensus = factors_to_state_dict(result.consensus)
         return self._round_metrics(result, uploads, seconds)
 

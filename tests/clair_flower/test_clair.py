@@ -219,3 +219,17 @@ def test_string_client_ids_and_diagnostics_are_plain():
     import json
     json.dumps(res.diagnostics)
     json.dumps(res.modules["m0"].diagnostics)
+
+
+def test_inconclusive_vote_keeps_a_persistent_score_outlier():
+    """One round's dip below the z threshold does not unflag a client that was far above it."""
+    from clair_flower.clair import _persistent_outliers
+
+    cfg = ClairConfig(z_threshold=3.5, z_memory=3)
+    z = np.array([0.2, 3.0, -0.5, 0.9])
+    prior = {"a": [0.1, 1.0], "b": [5.2, 6.0], "d": [2.0, 2.5]}
+    flags = _persistent_outliers(["a", "b", "c", "d"], z, prior, cfg)
+    assert flags.tolist() == [False, True, False, False]  # b: mean(5.2, 6.0, 3.0) > 3.5
+    assert not _persistent_outliers(["b"], z[1:2], prior, ClairConfig(z_memory=1)).any()  # no memory
+    with pytest.raises(ValueError, match="z_memory"):
+        ClairConfig(z_memory=0).validate()
