@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -77,17 +78,18 @@ def part_reference_vs_fast(n: int, p: int, form: str = "constrained") -> dict:
 def part_one_module(n: int, shape: tuple[int, int], rank: int, cfg: ClairConfig) -> dict:
     ups, U, bad = make_large_factors(n, shape, rank, shared_rank=4, seed=1)
     updates = {k: {"layer.q_proj": f} for k, f in ups.items()}
-    walls = []
+    walls, cpus = [], []
     for _ in range(3):  # the machine is noisy: report every run and the median
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_clair(updates, cfg)
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     wall = float(np.median(walls))
     Uh = res.modules["layer.q_proj"].U
     d = res.modules["layer.q_proj"].diagnostics
     return {
         "n_clients": n, "shape": list(shape), "rank": rank, "pairs": cfg.pairs, "wall_seconds": wall,
-        "wall_seconds_runs": walls,
+        "wall_seconds_runs": walls, "cpu_seconds_runs": cpus,
         "exact_set": res.flagged == bad, "n_flagged": len(res.flagged), "n_contaminated": len(bad),
         "sin_theta": float(np.linalg.norm(U - Uh @ (Uh.T @ U), 2)), "c": d["c"], "selection": d["selection"],
         "solve_iterations": d["iterations_total"], "reduced_shape": d["reduced_shape"],
@@ -121,11 +123,12 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
 
     def timed(mods: list[str]):
         sub = updates if len(mods) == n_modules else {c: {m: updates[c][m] for m in mods} for c in updates}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = run_clair(sub, cfg)
+        cpu.append(time.process_time() - c)
         return res, time.perf_counter() - t
 
-    wall_first = None
+    wall_first, cpu = None, []
     if k < n_modules:
         _, wall_first = timed(names[:1])
     res, wall = timed(names[:k])
@@ -137,7 +140,8 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
         "n_clients": n, "n_modules": n_modules, "shape": list(shape), "rank": rank, "pairs": cfg.pairs,
         "generate_seconds": gen, "modules_run": k, "wall_seconds_measured": wall,
         "wall_seconds_first_module_alone": wall_first, "wall_seconds_full": full,
-        "extrapolated": k < n_modules, "factor_bytes": int(factor_bytes), "peak_rss_bytes": peak_rss_bytes(),
+        "extrapolated": k < n_modules, "cpu_seconds_runs": cpu, "load_average": os.getloadavg(),
+        "factor_bytes": int(factor_bytes), "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_before_clair": rss_before, "rss_over_factor_bytes": peak_rss_bytes() / factor_bytes,
         "exact_set": res.flagged == bad, "max_sin_theta": sin,
         "selections": {s_: sel.count(s_) for s_ in sorted(set(sel))},
@@ -151,7 +155,7 @@ def main() -> None:
                     help="7B part: run CLAIR on this many of the 64 modules and extrapolate the rest")
     ap.add_argument("--skip-7b", action="store_true")
     args = ap.parse_args()
-    out: dict = {"quick": args.quick}
+    out: dict = {"quick": args.quick, "load_average_start": os.getloadavg()}
     ref = part_reference_vs_fast(6 if args.quick else 8, 8 if args.quick else 10)
     print("reference vs fast:", json.dumps(ref))
     out["reference_vs_fast"] = ref
@@ -164,6 +168,7 @@ def main() -> None:
         big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg, args.modules_run)
         print("7B-shaped:", json.dumps(big))
         out["seven_b"] = big
+    out["load_average_end"] = os.getloadavg()
     out["targets"] = {
         "speedup_ge_100": ref["speedup"] >= 100 and ref["rel_diff_L"] < 1e-3 and ref["flags_equal"],
         "one_module_lt_1s": one["wall_seconds"] < 1.0,
