@@ -407,6 +407,21 @@ def _md_pivot(title: str, rows: Sequence[Mapping[str, object]], row_key: str, co
     return f"### {title}\n\n{body}\n"
 
 
+def _md_detection(title: str, rows: Sequence[Mapping[str, object]], row_key: str) -> str:
+    """TPR and FPR (final round, and mean over rounds) of each flagging method, one row per
+    value of ``row_key`` (seed means); empty when no flagging method ran."""
+    rows = [r for r in rows if r["strategy"] in FLAGGING]
+    if not rows:
+        return ""
+    keys = _ordered(r[row_key] for r in rows)
+    strats = _ordered((r["strategy"] for r in rows), STRATEGY_ORDER)
+    figures = (("final-tpr", "TPR"), ("final-fpr", "FPR"), ("mean-tpr", "mean TPR"), ("mean-fpr", "mean FPR"))
+    header = [row_key] + [f"{s} {label}" for s in strats for _, label in figures]
+    table = [[k] + [_seed_mean([r for r in rows if r[row_key] == k and r["strategy"] == s], key)
+                    for s in strats for key, _ in figures] for k in keys]
+    return f"### {title}\n\n{markdown_table(header, table)}\n"
+
+
 def attack_rows(rows: Sequence[Mapping[str, object]], grid: Grid) -> list[Mapping[str, object]]:
     """Cells of the method x attack table: headline fraction and rank."""
     return _select(_done(rows), attack_fraction=grid.headline_fraction, lora_rank=grid.headline_rank)
@@ -507,12 +522,15 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
         parts.append(_md_pivot(f"Final benign token accuracy vs contaminated fraction ({attack}, rank {r})",
                                [x for x in frac if x["attack"] == attack], "attack-fraction", "strategy",
                                "final-benign-token-acc", col_order=STRATEGY_ORDER))
+        parts.append(_md_detection(f"Detection vs contaminated fraction ({attack}, rank {r}; TPR is undefined "
+                                   f"at fraction 0)", [x for x in frac if x["attack"] == attack], "attack-fraction"))
     ranks = rank_rows(rows, grid)
     for attack in _ordered(x["attack"] for x in ranks):
         sel = [x for x in ranks if x["attack"] == attack]
         parts.append(_md_pivot(f"Final benign token accuracy vs LoRA rank ({attack}, fraction {f:g}, "
                                f"width p = {sel[0]['model-width']})", sel, "lora-rank", "strategy",
                                "final-benign-token-acc", col_order=STRATEGY_ORDER))
+        parts.append(_md_detection(f"Detection vs LoRA rank ({attack}, fraction {f:g})", sel, "lora-rank"))
         gains = [g for g in gain_over_local(sel) if g[0] == attack]
         if gains:
             seeds = _seeds(sel) if len(_seeds(sel)) > 1 else []
