@@ -78,7 +78,7 @@ FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benig
                   "mean-benign-token-acc", "mean-benign-exact-acc", "mean-tpr", "mean-fpr",
                   "total-bytes-up", "total-bytes-down", "mean-server-seconds-per-round",
                   "total-server-seconds", "wall-seconds", "cell-wall-seconds", "cell-cpu-seconds",
-                  "fallback-rounds", "error")
+                  "fallback-rounds", "all-pairs-flagged-rounds", "no-pairs-flagged-rounds", "error")
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,18 @@ def fallback_rounds(rounds: Sequence[Mapping[str, object]]) -> int:
     return sum(1 for r in rounds if (r.get("train-metrics") or {}).get("clair-fallback"))  # type: ignore[union-attr]
 
 
+def vote_rounds(rounds: Sequence[Mapping[str, object]]) -> tuple[int | None, int | None]:
+    """(rounds in which every client's pair vote was 1, rounds in which every vote was 0) for a
+    CLAIR strategy; (None, None) for the others. Every pair flagged means the decomposition's
+    majority vote was inconclusive and the flags came from CLAIR's score-outlier rule alone; no
+    pair flagged means the vote saw no contamination."""
+    votes = [(r.get("train-metrics") or {}).get("votes") for r in rounds]  # type: ignore[union-attr]
+    votes = [[float(x) for x in v] for v in votes if v]
+    if not votes:
+        return None, None
+    return sum(1 for v in votes if min(v) >= 1.0), sum(1 for v in votes if max(v) <= 0.0)
+
+
 def cell_row(cell: Cell, out: Path) -> dict[str, object]:
     """One results.csv row, read back from the cell's files (so skipped cells report too)."""
     cell_dir = cell.out_dir(out)
@@ -258,6 +270,7 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "total-server-seconds": sum(float(r.get("server-seconds") or 0.0) for r in rounds),
         "wall-seconds": summary.get("wall-seconds"),
         "fallback-rounds": fallback_rounds(rounds),
+        "all-pairs-flagged-rounds": vote_rounds(rounds)[0], "no-pairs-flagged-rounds": vote_rounds(rounds)[1],
         **_timing(cell_dir),
         "rounds": [{k: r.get(k) for k in ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr")}
                    for r in rounds],
@@ -547,6 +560,14 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
                      + markdown_table(["strategy", "attack", "fraction", "rank"]
                                       + [f"token acc s{s}" for s in seeds] + ["mean", "range"]
                                       + [f"TPR s{s}" for s in seeds] + [f"FPR s{s}" for s in seeds], spread) + "\n")
+    voting = [[x["cell"], x.get("num-rounds"), x.get("all-pairs-flagged-rounds"), x.get("no-pairs-flagged-rounds"),
+               x.get("final-tpr"), x.get("final-fpr")]
+              for x in _done(rows) if x.get("all-pairs-flagged-rounds") is not None]
+    if voting:
+        parts.append("### CLAIR's pair vote per cell (every pair flagged: the vote was inconclusive and the flags "
+                     "came from the score-outlier rule; no pair flagged: the vote saw no contamination)\n\n"
+                     + markdown_table(["cell", "rounds", "rounds, every pair flagged", "rounds, no pair flagged",
+                                       "final TPR", "final FPR"], voting) + "\n")
     cost = [[x["cell"], x.get("wall-seconds"), x.get("cell-cpu-seconds"), x.get("total-server-seconds"),
              x.get("total-bytes-up"), x.get("fallback-rounds")] for x in _done(rows)]
     if cost:
