@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (offline) and run the demo: 10 SuperNodes on Ray, 3 of them contaminated, under CLAIR.
-# Usage: bash scripts/demo.sh [extra --run-config overrides, e.g. "strategy='fedavg'"]
+# Usage: [STRATEGY=fedavg] bash scripts/demo.sh [extra --run-config overrides, e.g. "num-server-rounds=3"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,10 +14,11 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 F
 export FLWR_HOME="${FLWR_HOME:-$PWD/.cache/flwr-home}"
 out="${CLAIR_FLOWER_OUTPUT:-$PWD/outputs}/demo-$(date +%Y%m%d-%H%M%S)"
 
-flwr run . --stream \
-  --run-config "strategy='clair' attack='random' attack-fraction=0.3 output-dir='$out' ${1:-}" \
-  --federation-config "num-supernodes=10 client-resources-num-cpus=1"
+# flwr run leaves its local SuperLink running: stop the one this script's FLWR_HOME started,
+# also when the run fails.
+trap 'python -c "from server_apps.local_superlink import stop_pids, superlink_pids; stop_pids(superlink_pids('\''$FLWR_HOME'\''))"' EXIT
 
-# flwr run leaves its local SuperLink running: stop the one this script's FLWR_HOME started.
-python -c "from server_apps.local_superlink import stop_pids, superlink_pids; stop_pids(superlink_pids('$FLWR_HOME'))"
+flwr run . --stream \
+  --run-config "strategy='${STRATEGY:-clair}' attack='random' attack-fraction=0.3 output-dir='$out' ${1:-}" \
+  --federation-config "num-supernodes=10 client-resources-num-cpus=1"
 echo "Results: $out (summary.md, summary.json, rounds.jsonl, *.png)"
