@@ -136,11 +136,11 @@ def test_resume_refuses_another_run(tmp_path: Path, strategy: str, rounds: int, 
     assert latest_checkpoint(tmp_path / "checkpoints").round == 2
 
 
-def test_resume_needs_an_output_dir() -> None:
+def test_resume_needs_an_output_dir(tmp_path) -> None:
     with pytest.raises(ConfigError, match="resume needs output-dir"):
         RunConfig.from_mapping({"resume": True})
     with pytest.raises(ConfigError, match="resume must be true or false"):
-        RunConfig.from_mapping({"resume": "yes", "output-dir": "/tmp/x"})
+        RunConfig.from_mapping({"resume": "yes", "output-dir": str(tmp_path)})
 
 
 def _query(node_config: dict) -> Message:
