@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import subprocess
 import sys
 import time

@@ -21,7 +21,7 @@ from flwr.supercore import log
 
 from clair_flower.checkpoint import StrategyState
 from clair_flower.validation import template_of
-from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
+from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
 from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]

@@ -38,7 +38,7 @@ from flwr.supercore import log
 from clair_flower.checkpoint import CheckpointError, StrategyState
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
 from strategies.personalized import weighted_mean_state
-from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
+from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
 from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from clair_flower.model import LoraSpec, ModelConfig, build_model, wrap_lora
 from clair_flower.peft_io import (
