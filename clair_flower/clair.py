@@ -487,7 +487,7 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
         cf = _client_factors(fac, m, active)
         scal = [fac[m][c].scaling for c in active]
         ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy)
-        zeros = {c: _policy_for_zero(fac[m][c], cons, cf, collab, cfg.flagged_policy) for c in zero}
+        zeros = {c: _policy_for_zero(fac[m][c], cf, collab, cfg.flagged_policy) for c in zero}
         return ref, err, cons, zeros
 
     for m, (ref, err, cons, zeros) in zip(modules, _map_modules(refine, modules, cfg.workers)):
@@ -539,7 +539,7 @@ def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, inconclusive: b
     return ""
 
 
-def _policy_for_zero(f: LoraFactors, consensus_max: LoraFactors, cf: ClientFactors, collab, policy: str
+def _policy_for_zero(f: LoraFactors, cf: ClientFactors, collab, policy: str
                      ) -> tuple[LoraFactors, float]:
     """The flagged policy for an excluded all-zero client (its own rank and scaling)."""
     dtype = cf.B[0].dtype
