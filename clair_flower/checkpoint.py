@@ -85,10 +85,23 @@ class StrategyState:
         CheckpointError
             If a client's value is not a list of integers.
         """
-        out: dict[int, list[int]] = {}
+        return self._per_client_lists(name, (int,), "integers")
+
+    def per_client_float_lists(self, name: str) -> dict[int, list[float]]:
+        """``per_client_meta[name]`` as one list of floats per client (e.g. score history).
+
+        Raises
+        ------
+        CheckpointError
+            If a client's value is not a list of numbers.
+        """
+        return {c: [float(v) for v in vs] for c, vs in self._per_client_lists(name, (int, float), "numbers").items()}
+
+    def _per_client_lists(self, name: str, kinds: tuple[type, ...], what: str) -> dict[int, list]:
+        out: dict[int, list] = {}
         for cid, value in self.per_client_meta.get(name, {}).items():
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise CheckpointError(f"checkpoint '{name}' of client {cid} must be a list of integers, got {value!r}")
+            if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+                raise CheckpointError(f"checkpoint '{name}' of client {cid} must be a list of {what}, got {value!r}")
             out[int(cid)] = list(value)
         return out
 

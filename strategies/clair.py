@@ -99,18 +99,17 @@ class ClairStrategy(PersonalizedLoraStrategy):
 
     # -- checkpoint ------------------------------------------------------------------------
     def export_state(self) -> StrategyState:
-        """Adapters and consensus (see the base class), plus every node's flag history."""
+        """Adapters and consensus (see the base class), plus every node's flag and score histories."""
         state = super().export_state()
         state.per_client_meta["flag-history"] = {n: list(h) for n, h in self.flag_history.items()}
         state.per_client_meta["score-z-history"] = {n: list(h) for n, h in self.score_z_history.items()}
         return state
 
     def restore_state(self, state: StrategyState) -> None:
-        """Take back adapters, consensus and flag history (node ids remapped)."""
+        """Take back adapters, consensus, flag and score histories (node ids remapped)."""
         super().restore_state(state)
         self.flag_history = state.per_client_int_lists("flag-history")
-        self.score_z_history = {int(n): [float(z) for z in h]  # type: ignore[attr-defined]
-                                for n, h in state.per_client_meta.get("score-z-history", {}).items()}
+        self.score_z_history = state.per_client_float_lists("score-z-history")
 
     # -- detection alone -------------------------------------------------------------------
     def _run(self, uploads: list[Upload], prior_z: dict[int, list[float]] | None = None) -> ClairResult:

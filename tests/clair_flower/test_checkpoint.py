@@ -117,6 +117,11 @@ def test_per_client_lists_are_checked() -> None:
     state.per_client_meta["flag-history"][7] = "1"
     with pytest.raises(CheckpointError, match="'flag-history' of client 7 must be a list of integers"):
         state.per_client_int_lists("flag-history")
+    state.per_client_meta["score-z-history"] = {0: [0.5, 3], 7: [1.0, None]}
+    with pytest.raises(CheckpointError, match="'score-z-history' of client 7 must be a list of numbers"):
+        state.per_client_float_lists("score-z-history")
+    state.per_client_meta["score-z-history"][7] = [1.5]
+    assert state.per_client_float_lists("score-z-history") == {0: [0.5, 3.0], 7: [1.5]}
 
 
 def test_bad_metadata_writes_nothing(tmp_path) -> None:
