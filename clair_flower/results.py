@@ -156,37 +156,27 @@ def _num(value: object) -> float:
     return float("nan") if value is None else float(value)  # type: ignore[arg-type]
 
 
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) or "-"
-    return str(value)
-
-
 def summary_markdown(summary: Mapping[str, object]) -> str:
     """The summary as a Markdown page: key figures, then one row per round."""
     lines = [f"# Run summary: {summary.get('strategy', '?')}", ""]
     for key, value in summary.items():
         if key in ("rounds", "config"):
             continue
-        lines.append(f"- **{key}**: {_fmt(_clean(value))}")
+        lines.append(f"- **{key}**: {format_cell(value, sep=', ')}")
     rounds = summary.get("rounds") or []
     if rounds:
         cols = ["round", "benign-token-acc", "benign-exact-acc", "flagged-partitions", "tpr", "fpr",
                 "server-seconds", "client-train-seconds", "bytes-up", "bytes-down"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rounds:  # type: ignore[union-attr]
-            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+            lines.append("| " + " | ".join(format_cell(r.get(c), sep=", ") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 # -- tables shared by experiment reports (Flower-free) ----------------------------------------
 
-def format_cell(value: object, digits: int = 3) -> str:
-    """One table cell: floats to ``digits`` places, missing or NaN as ``-``.
+def format_cell(value: object, digits: int = 3, sep: str = " ") -> str:
+    """One table cell: floats to ``digits`` places, missing or NaN as ``-``, lists joined by ``sep``.
 
     Reports compare many runs side by side, so every number gets the same precision.
     """
@@ -196,7 +186,7 @@ def format_cell(value: object, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value) or "-"
+        return sep.join(str(v) for v in value) or "-"
     return str(value)
 
 

@@ -50,7 +50,8 @@ from pathlib import Path
 import numpy as np
 
 from clair_flower.config import ConfigError, RunConfig
-from clair_flower.results import SUMMARY_JSON, last_value, markdown_table, mean_value, write_atomic, write_csv
+from clair_flower.results import (SUMMARY_JSON, format_cell, last_value, markdown_table, mean_value, write_atomic,
+                                  write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "experiments"
@@ -277,20 +278,16 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
     return row
 
 
-def _fmt(value: object, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.{digits}f}"  # type: ignore[arg-type]
-
-
 def headline(row: Mapping[str, object]) -> str:
     """The figures of one finished cell, for its progress line."""
     if row.get("status") != "done":
         return f"{row.get('status')}: {row.get('error')}"
-    text = f"token-acc {_fmt(row.get('final-benign-token-acc'))} exact {_fmt(row.get('final-benign-exact-acc'))}"
+    text = f"token-acc {format_cell(row.get('final-benign-token-acc'))} exact {format_cell(row.get('final-benign-exact-acc'))}"
     if row.get("final-tpr") is not None or row.get("final-fpr") is not None:
-        text += f" TPR {_fmt(row.get('final-tpr'), 2)} FPR {_fmt(row.get('final-fpr'), 2)}"
-    text += f" (federation {_fmt(row.get('wall-seconds'), 1)} s"
+        text += f" TPR {format_cell(row.get('final-tpr'), 2)} FPR {format_cell(row.get('final-fpr'), 2)}"
+    text += f" (federation {format_cell(row.get('wall-seconds'), 1)} s"
     if row.get("cell-cpu-seconds") is not None:
-        text += f", CPU {_fmt(row.get('cell-cpu-seconds'), 1)} s"
+        text += f", CPU {format_cell(row.get('cell-cpu-seconds'), 1)} s"
     return text + ")"
 
 
@@ -779,7 +776,7 @@ def compare_flwr(cells: Sequence[Cell], out: Path, emit: Callable[[str], None] =
         diff = {k: (None if a.get(k) is None or b.get(k) is None else float(b[k]) - float(a[k]))  # type: ignore[arg-type]
                 for k in ("final-benign-token-acc", "final-benign-exact-acc", "final-tpr", "final-fpr")}
         emit(f"  in-process: {headline(a)}\n  flwr run  : {headline(b)} [{secs:.0f} s incl. Ray start]\n"
-             f"  difference (flwr - in-process): " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in diff.items()))
+             f"  difference (flwr - in-process): " + ", ".join(f"{k} {format_cell(v, 4)}" for k, v in diff.items()))
         result.append({"cell": cell.name, "in-process": a, "flwr": b, "difference": diff, "flwr-seconds": secs})
     write_atomic(out / "flwr_comparison.md", markdown_table(
         ["cell", "path", "token acc", "exact acc", "TPR", "FPR", "wall s"],
