@@ -55,7 +55,7 @@ from clair_flower.decomposition import (
 )
 from clair_flower.lora import LoraFactors
 from clair_flower.refinement import POLICIES, gram_svd, mean_factors, refine_module, top_factors
-from clair_flower.solvers import FORMS, SolveResult, solve, svd_of
+from clair_flower.solvers import FORMS, SolveResult, solve
 from clair_flower.solvers.fast import blas_threads
 
 ClientId = Hashable
@@ -360,9 +360,9 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float 
             "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
             "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}
     inform = detection.informative_pairs(problem.block_norms)
-    lifted = problem.lift_left(L_left.astype(problem.left.dtype) if problem.left is not None else L_left)
+    lifted = problem.lift_left(L_left)
     return {"offsets": problem.offsets, "lifted": np.asarray(lifted, dtype=np.float64), "L_left": L_left,
-            "L_right": L_right, "diagnostics": diag, "informative": inform}, ev
+            "L_right": L_right, "diagnostics": diag, "informative": inform, "inner": problem.inner}, ev
 
 
 def _map_modules(fn, modules: list[str], workers: int | None) -> list:
@@ -402,12 +402,14 @@ def _subspace(out: dict, benign_pairs: np.ndarray, rank: int | None) -> tuple[np
     cols = np.concatenate([np.arange(off[i], off[i + 1]) for i in np.flatnonzero(benign_pairs)] or [np.zeros(0, int)])
     if cols.size == 0:  # no collaborative pair: fall back to all of L
         cols = np.arange(off[-1])
-    Lb = out["L_left"] @ out["L_right"][:, cols]
-    u, s = svd_of(Lb)
+    # L_b = L_left @ R_b with orthonormal L_left: its left singular vectors are L_left W for the
+    # eigenvectors W of the small Gram R_b R_b^T, and Q L_left W = lifted @ W (only p x k kept)
+    Rb = out["L_right"][:, cols]
+    e, W = np.linalg.eigh(Rb @ Rb.T)
+    s, W = np.sqrt(np.maximum(e[::-1], 0.0)), W[:, ::-1]
     r_hat = rank if rank is not None else gap_rank(s)
-    r_hat = max(1, min(r_hat, u.shape[1]))
-    # u lies in span(L_left) (orthonormal), so Q u = (Q L_left)(L_left^T u): only p x k is kept
-    U = out["lifted"] @ (out["L_left"].T @ u[:, :r_hat])
+    r_hat = max(1, min(r_hat, W.shape[1]))
+    U = out["lifted"] @ W[:, :r_hat]
     return np.linalg.qr(U)[0], int(r_hat), s
 
 
@@ -486,7 +488,8 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
     def refine(m: str) -> tuple:
         cf = _client_factors(fac, m, active)
         scal = [fac[m][c].scaling for c in active]
-        ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy)
+        ref, err, cons = refine_module(cf.B, cf.A, scal, mod_out[m]["U"], collab, cfg.flagged_policy,
+                                       inner=mod_out[m]["inner"])
         zeros = {c: _policy_for_zero(fac[m][c], cf, collab, cfg.flagged_policy) for c in zero}
         return ref, err, cons, zeros
 

@@ -97,13 +97,20 @@ def _refactor_sum(left: np.ndarray, right: np.ndarray, rank: int, scaling: float
     return f, err**2 * total2, total2
 
 
-def top_factors(left: np.ndarray, s: np.ndarray, right: np.ndarray, rank: int, scaling: float, dtype
-                 ) -> tuple[LoraFactors, float]:
-    """Rank-``rank`` factors from the top singular triplets; the error counts every value of ``s``."""
+def top_factors(left: np.ndarray, s: np.ndarray, right: np.ndarray, rank: int, scaling: float, dtype,
+                total2: float | None = None) -> tuple[LoraFactors, float]:
+    """Rank-``rank`` factors from the top singular triplets.
+
+    The error counts every value of ``s``, or is taken against ``total2`` (the exact squared
+    norm) when ``s`` holds only the leading values.
+    """
     k = min(rank, left.shape[1])
     f, _ = refactor_lowrank(left[:, :k], np.diag(s[:k]), right[:k], rank, scaling, dtype=dtype)
-    total = float(np.sqrt(np.sum(s**2)))
-    return f, (float(np.sqrt(np.sum(s[k:] ** 2)) / total) if total > 0 else 0.0)
+    if total2 is None:
+        total2, tail2 = float(np.sum(s**2)), float(np.sum(s[k:] ** 2))
+    else:
+        tail2 = max(float(total2) - float(np.sum(s[:k] ** 2)), 0.0)
+    return f, (float(np.sqrt(tail2 / total2)) if total2 > 0 else 0.0)
 
 
 def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequence[int]
@@ -114,16 +121,26 @@ def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequ
     return Bm, Am
 
 
+RANGE_MIN_COLUMNS = 512
+"""Collaborative factor columns (sum of ranks) above which, given the clients' inner products,
+the mean's dominant range is found by subspace iteration instead of two Gram
+eigendecompositions of that size (1.5 s to 0.1 s per module at N = 100, rank 16)."""
+RANGE_OVERSAMPLE = 10
+RANGE_PASSES = 2
+
+
 def refine_module(
     B: Sequence[np.ndarray], A: Sequence[np.ndarray], scalings: Sequence[float], U: np.ndarray,
     collaborative: Sequence[int], policy: str = "consensus", z_rank: int | None = None,
+    inner: np.ndarray | None = None,
 ) -> tuple[list[LoraFactors], list[float], LoraFactors]:
     """Refined factors (at each client's own rank) and truncation errors for one module.
 
     ``B[k]`` carries the scaling (``dW_k = B[k] @ A[k]``); ``scalings[k]`` is divided back out.
     ``z_rank`` is the number of terms of ``Z`` kept (default ``r_max + r_hat``; larger is exact
-    in more cases and costs more). Returns ``(refined per client, truncation error per client,
-    consensus at the max rank)``.
+    in more cases and costs more). ``inner`` (``<dW_k, dW_l>`` for all clients, as the
+    reduction computes it) enables the large-module path of :func:`_refine_ranged`. Returns
+    ``(refined per client, truncation error per client, consensus at the max rank)``.
     """
     if policy not in POLICIES:
         raise ValueError(f"flagged_policy must be one of {POLICIES}, got {policy!r}")
@@ -132,6 +149,9 @@ def refine_module(
     r_max = max(ranks)
     members = sorted(collaborative)
     Bm, Am = mean_factors(B, A, members)
+    if inner is not None and Bm.shape[1] > RANGE_MIN_COLUMNS:
+        return _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner,
+                              r_max + U.shape[1] if z_rank is None else z_rank)
     Uw = U.astype(dtype)
     rootA = GramRoot.of(Am @ Am.T, Am.dtype)
     t = r_max + U.shape[1] if z_rank is None else z_rank
@@ -162,3 +182,87 @@ def refine_module(
         refined.append(f)
         errors.append(float(err))
     return refined, errors, consensus
+
+
+def _dominant_range(Bm: np.ndarray, Am: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Orthonormal ``p x k`` basis of the dominant left range of ``Bm @ Am`` (subspace iteration)."""
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(Bm @ (Am @ rng.standard_normal((Am.shape[1], k)).astype(Am.dtype)))[0]
+    for _ in range(RANGE_PASSES):
+        W = np.linalg.qr(Am.T @ (Bm.T @ Q))[0]
+        Q = np.linalg.qr(Bm @ (Am @ W))[0]
+    return Q
+
+
+def _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner, t) -> tuple[
+        list[LoraFactors], list[float], LoraFactors]:
+    """:func:`refine_module` for large modules: ``Z`` and ``m`` kept on a found range.
+
+    The mean's dominant range ``Q_m`` (``r_hat + t`` + oversampling columns) gives the
+    consensus and, projected off ``U``, the basis ``Q_z`` of ``Z``'s kept part ``Q_z Q_z^T Z``.
+    Each benign client's ``P dW_k + Q_z Q_z^T Z = [U, Q_z] R_k`` is re-factored from the small
+    Gram ``R_k R_k^T``. Errors stay exact: ``||Z||^2 = ||m||^2 - ||U^T m||^2`` with ``||m||^2``
+    from ``inner``, and the dropped part of ``Z`` is orthogonal to ``[U, Q_z]``.
+    """
+    dtype = B[0].dtype
+    ranks = [b.shape[1] for b in B]
+    r_max = max(ranks)
+    Uw = U.astype(dtype)
+    idx = np.asarray(members)
+    m_norm2 = float(inner[np.ix_(idx, idx)].sum()) / len(members) ** 2
+    Qm = _dominant_range(Bm, Am, U.shape[1] + t + RANGE_OVERSAMPLE)
+    mq = (Qm.T @ Bm) @ Am  # Q_m^T m
+    u, m_s, m_right = np.linalg.svd(mq.astype(np.float64), full_matrices=False)
+    m_left = Qm @ u.astype(dtype)
+    kmax = int(np.argmax(ranks))
+    consensus, _ = top_factors(m_left, m_s, m_right, r_max, scalings[kmax], dtype, m_norm2)
+    Qz = Qm - Uw @ (Uw.T @ Qm)
+    uz, sz, _ = np.linalg.svd(Qz - Uw @ (Uw.T @ Qz), full_matrices=False)  # twice: orthogonal to U
+    Qz = uz[:, sz > 1e-5]  # directions of Q_m (almost) inside span(U) carry nothing of Z
+    Zq = ((Qz.T @ Bm) @ Am).astype(np.float64)  # Q_z^T Z, as Q_z is orthogonal to U
+    um = ((Uw.T @ Bm) @ Am).astype(np.float64)
+    z_tail2 = max(m_norm2 - float(np.sum(um**2)) - float(np.sum(Zq**2)), 0.0)
+    left = np.concatenate([Uw, Qz], axis=1)
+    ZZ = Zq @ Zq.T
+    member_set = set(members)
+    refined, errors = [], []
+    for k in range(len(B)):
+        if k in member_set:
+            f, err = _refactor_stacked(left, (Uw.T @ B[k]).astype(np.float64), A[k], Zq, ZZ, ranks[k],
+                                       scalings[k], z_tail2, dtype)
+        elif policy == "consensus":
+            f, err = top_factors(m_left, m_s, m_right, ranks[k], scalings[k], dtype, m_norm2)
+        elif policy == "local":
+            own = lowrank_svd(B[k], A[k])
+            f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
+        else:
+            f, err = LoraFactors(np.zeros_like(A[k]), np.zeros_like(B[k]), float(scalings[k])), 0.0
+        refined.append(f)
+        errors.append(float(err))
+    return refined, errors, consensus
+
+
+def _refactor_stacked(left: np.ndarray, c: np.ndarray, A: np.ndarray, Zq: np.ndarray, ZZ: np.ndarray,
+                      rank: int, scaling: float, z_tail2: float, dtype) -> tuple[LoraFactors, float]:
+    """Best rank-``rank`` factors of ``left @ R`` with ``R = [c A; Zq]`` (orthonormal ``left``).
+
+    ``R = W diag(s) V^T`` from the eigh of ``R R^T`` (assembled from small blocks), so ``V`` is
+    never formed: ``A~ = diag(1/sqrt(s scaling)) W_r^T R``. Balanced split as in
+    :func:`clair_flower.lora.refactor`; the error includes the dropped tail of ``Z``.
+    """
+    a = c @ A.astype(np.float64)
+    cross = a @ Zq.T
+    G = np.block([[a @ a.T, cross], [cross.T, ZZ]])
+    e, W = np.linalg.eigh(G)
+    e, W = np.maximum(e[::-1], 0.0), W[:, ::-1]
+    k = min(rank, int(np.sum(e > 1e-14 * (e[0] if e.size else 0.0))))
+    s = np.sqrt(e[:k])
+    Wr = W[:, :k]
+    b = np.zeros((left.shape[0], rank), dtype=dtype)
+    a_out = np.zeros((rank, A.shape[1]), dtype=dtype)
+    b[:, :k] = left @ (Wr * np.sqrt(s / scaling)).astype(dtype)
+    h = c.shape[0]
+    a_out[:k] = ((Wr[:h].T / np.sqrt(s * scaling)[:, None]) @ a + (Wr[h:].T / np.sqrt(s * scaling)[:, None]) @ Zq)
+    total2 = float(np.sum(e)) + z_tail2
+    tail2 = float(np.sum(e[k:])) + z_tail2
+    return LoraFactors(a_out, b, float(scaling)), (float(np.sqrt(tail2 / total2)) if total2 > 0 else 0.0)

@@ -48,7 +48,7 @@ def test_sampled_pairs_degree_connectivity_and_seed():
         make_pairs(5, "some")
 
 
-@pytest.mark.parametrize("method", ["svd", "gram"])
+@pytest.mark.parametrize("method", ["svd", "gram", "cholesky"])
 def test_reduction_is_an_isometry_of_the_stack(method):
     inst = make_instance(n_clients=7, p=12, q=20, frac_contaminated=0.3, noise=0.05, seed=2,
                          client_ranks=[6, 6, 7, 7, 6, 8, 6])

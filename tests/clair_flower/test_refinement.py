@@ -66,3 +66,48 @@ def test_unknown_policy_rejected():
     inst, f, B, A = _setup(noise=0.0)
     with pytest.raises(ValueError):
         refine_module(B, A, [x.scaling for x in f], inst.U["m0"], [0, 1], policy="ignore")
+
+
+def _dense_inner(B, A):
+    dense = [b @ a for b, a in zip(B, A)]
+    return np.array([[np.sum(x * y) for y in dense] for x in dense])
+
+
+@pytest.mark.parametrize("p, q, n, full_range", [(20, 18, 8, True), (160, 120, 30, False)])
+def test_ranged_path_reports_exact_errors_and_is_near_optimal(monkeypatch, p, q, n, full_range):
+    """The large-module path (range of the mean by subspace iteration, errors from ``inner``)."""
+    import clair_flower.refinement as refinement
+
+    monkeypatch.setattr(refinement, "RANGE_MIN_COLUMNS", 0)
+    inst = make_instance(n_clients=n, p=p, q=q, noise=0.1, frac_contaminated=0.2, seed=5)
+    ids = sorted(inst.updates)
+    f = [inst.updates[k]["m0"] for k in ids]
+    B, A = [x.scaling * x.B for x in f], [x.A for x in f]
+    U = inst.U["m0"]
+    collab = sorted(set(range(n)) - inst.contaminated)
+    bad = sorted(inst.contaminated)[0]
+    ref, err, cons = refine_module(B, A, [x.scaling for x in f], U, collab, inner=_dense_inner(B, A))
+    exact, _, _ = refine_module(B, A, [x.scaling for x in f], U, collab, z_rank=1000)  # all of Z kept
+    P = U @ U.T
+    mean = np.mean([B[l] @ A[l] for l in collab], axis=0)
+    for k in collab:
+        target = P @ (B[k] @ A[k]) + (np.eye(p) - P) @ mean
+        s = np.linalg.svd(target, compute_uv=False)
+        r = f[k].rank
+        best_err = np.sqrt(np.sum(s[r:] ** 2) / np.sum(s**2))
+        true_err = np.linalg.norm(target - ref[k].dense()) / np.linalg.norm(target)
+        assert ref[k].rank == r and ref[k].scaling == f[k].scaling
+        assert abs(err[k] - true_err) < 1e-8
+        if full_range:  # the found range spans all of R^p: same result as the exact path
+            np.testing.assert_allclose(ref[k].dense(), exact[k].dense(), atol=1e-8 * np.linalg.norm(target))
+        else:
+            assert true_err <= 1.05 * best_err
+    u, s, vt = np.linalg.svd(mean)
+    r = cons.rank
+    best = (u[:, :r] * s[:r]) @ vt[:r]
+    if full_range:
+        np.testing.assert_allclose(cons.dense(), best, atol=1e-8 * s[0])
+    else:  # the consensus is as close to the mean as the best rank-r approximation, within 1%
+        assert np.linalg.norm(mean - cons.dense()) <= 1.01 * np.linalg.norm(mean - best)
+    # a flagged client gets the consensus at its own rank, with the error against the whole mean
+    assert abs(err[bad] - np.linalg.norm(mean - ref[bad].dense()) / np.linalg.norm(mean)) < 1e-8
