@@ -122,13 +122,21 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
     k = n_modules if modules_run is None else max(2, min(modules_run, n_modules))
 
     def timed(mods: list[str]):
+        """CLAIR, then every client's refined adapters built one client at a time (as a server
+        serialising its replies would), checked finite and dropped."""
         sub = updates if len(mods) == n_modules else {c: {m: updates[c][m] for m in mods} for c in updates}
         t, c = time.perf_counter(), time.process_time()
         res = run_clair(sub, cfg)
+        t_clair = time.perf_counter() - t
+        for cid in sorted(res.clients):
+            one = {m: (f.A, f.B) for m, f in res.clients[cid].refined.items()}
+            assert all(np.isfinite(a).all() and np.isfinite(b).all() for a, b in one.values())
+            del one
         cpu.append(time.process_time() - c)
+        split.append({"run_clair": t_clair, "build_refined": time.perf_counter() - t - t_clair})
         return res, time.perf_counter() - t
 
-    wall_first, cpu = None, []
+    wall_first, cpu, split = None, [], []
     if k < n_modules:
         _, wall_first = timed(names[:1])
     res, wall = timed(names[:k])
@@ -140,7 +148,8 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
         "n_clients": n, "n_modules": n_modules, "shape": list(shape), "rank": rank, "pairs": cfg.pairs,
         "generate_seconds": gen, "modules_run": k, "wall_seconds_measured": wall,
         "wall_seconds_first_module_alone": wall_first, "wall_seconds_full": full,
-        "extrapolated": k < n_modules, "cpu_seconds_runs": cpu, "load_average": os.getloadavg(),
+        "extrapolated": k < n_modules, "cpu_seconds_runs": cpu, "seconds_split": split[-1],
+        "pair_degree": cfg.pair_degree, "load_average": os.getloadavg(),
         "factor_bytes": int(factor_bytes), "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_before_clair": rss_before, "rss_over_factor_bytes": peak_rss_bytes() / factor_bytes,
         "exact_set": res.flagged == bad, "max_sin_theta": sin,

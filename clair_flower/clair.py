@@ -355,7 +355,7 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float 
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
     k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
     L_left = res.L_left[:, :k]
-    L_right = L_left.T @ res.L.astype(np.float64)  # L = L_left @ L_right, kept low-rank
+    L_right = (L_left.T.astype(res.L.dtype) @ res.L).astype(np.float64)  # L = L_left @ L_right
     diag = {"solver": res.solver, "form": cfg.form, "status": res.status, "iterations": res.iterations,
             "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
             "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}

@@ -181,8 +181,8 @@ class BlockProblem:
 
 
 def block_norms(Y: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Frobenius norm of every column block of ``Y``."""
-    col = np.einsum("ij,ij->j", Y, Y)
+    """Frobenius norm of every column block of ``Y`` (accumulated in float64, no copy)."""
+    col = np.einsum("ij,ij->j", Y, Y, dtype=np.float64)
     off = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
     return np.sqrt(np.maximum(np.add.reduceat(col, off), 0.0)) if Y.shape[1] else np.zeros(0)
 
@@ -306,7 +306,7 @@ def reduced_problem(
     X *= alpha
     info = {"method": method, "reduced_shape": [int(X.shape[0]), int(X.shape[1])]}
     return BlockProblem(
-        X, widths_arr, list(pairs), alpha, block_norms(X.astype(np.float64), widths_arr),
+        X, widths_arr, list(pairs), alpha, block_norms(X, widths_arr),
         left=basis, right=rights if keep_right else None, inner=inner, info=info,
     )
 

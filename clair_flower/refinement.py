@@ -224,14 +224,19 @@ def _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner, t) -> tupl
     z_tail2 = max(m_norm2 - float(np.sum(um**2)) - float(np.sum(Zq**2)), 0.0)
     left = np.concatenate([Uw, Qz], axis=1)
     ZZ = Zq @ Zq.T
+    z_rows = Zq.astype(dtype)
+    consensus_at: dict[tuple, tuple[LoraFactors, float]] = {}  # flagged clients share one per rank
     member_set = set(members)
     refined, errors = [], []
     for k in range(len(B)):
         if k in member_set:
             f, err = _refactor_stacked(left, (Uw.T @ B[k]).astype(np.float64), A[k], Zq, ZZ, ranks[k],
-                                       scalings[k], z_tail2, dtype)
+                                       scalings[k], z_tail2, dtype, z_rows)
         elif policy == "consensus":
-            f, err = top_factors(m_left, m_s, m_right, ranks[k], scalings[k], dtype, m_norm2)
+            key = (ranks[k], float(scalings[k]))
+            if key not in consensus_at:
+                consensus_at[key] = top_factors(m_left, m_s, m_right, ranks[k], scalings[k], dtype, m_norm2)
+            f, err = consensus_at[key]
         elif policy == "local":
             own = lowrank_svd(B[k], A[k])
             f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
@@ -242,27 +247,75 @@ def _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner, t) -> tupl
     return refined, errors, consensus
 
 
+class DeferredFactors(LoraFactors):
+    """Refined factors ``B = left @ b_coef``, ``A = a_own @ A_k + a_z @ Z_rows``, built on access.
+
+    At LLM sizes every client's refined adapter is as large as its upload; holding them all
+    beside the uploads would double the server's memory. The pieces kept here are shared
+    (``left``, ``Z_rows``), the client's own upload (``A_k``) and matrices of rank size, so a
+    round's result costs little memory and a caller (e.g. a strategy serialising one reply at a
+    time) builds each adapter when it needs it. Each access builds anew: keep what you use.
+    """
+
+    def __init__(self, left: np.ndarray, b_coef: np.ndarray, a_own: np.ndarray, A_k: np.ndarray,
+                 a_z: np.ndarray, z_rows: np.ndarray, scaling: float) -> None:
+        object.__setattr__(self, "_parts", (left, b_coef, a_own, A_k, a_z, z_rows))
+        object.__setattr__(self, "scaling", float(scaling))
+
+    @property
+    def A(self) -> np.ndarray:  # type: ignore[override]
+        _, _, a_own, A_k, a_z, z_rows = self._parts
+        return a_own @ A_k + a_z @ z_rows
+
+    @property
+    def B(self) -> np.ndarray:  # type: ignore[override]
+        left, b_coef = self._parts[:2]
+        return left @ b_coef
+
+    @property
+    def rank(self) -> int:
+        return int(self._parts[1].shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self._parts[0].shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self._parts[3].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return (self.out_features + self.in_features) * self.rank * self._parts[0].dtype.itemsize
+
+
 def _refactor_stacked(left: np.ndarray, c: np.ndarray, A: np.ndarray, Zq: np.ndarray, ZZ: np.ndarray,
-                      rank: int, scaling: float, z_tail2: float, dtype) -> tuple[LoraFactors, float]:
+                      rank: int, scaling: float, z_tail2: float, dtype, z_rows: np.ndarray
+                      ) -> tuple[LoraFactors, float]:
     """Best rank-``rank`` factors of ``left @ R`` with ``R = [c A; Zq]`` (orthonormal ``left``).
 
     ``R = W diag(s) V^T`` from the eigh of ``R R^T`` (assembled from small blocks), so ``V`` is
     never formed: ``A~ = diag(1/sqrt(s scaling)) W_r^T R``. Balanced split as in
-    :func:`clair_flower.lora.refactor`; the error includes the dropped tail of ``Z``.
+    :func:`clair_flower.lora.refactor`; the error includes the dropped tail of ``Z``. The
+    factors are returned as :class:`DeferredFactors` (``z_rows`` is ``Zq`` in the working
+    dtype, shared by all clients).
     """
-    a = c @ A.astype(np.float64)
+    a = (c.astype(A.dtype) @ A).astype(np.float64)
     cross = a @ Zq.T
     G = np.block([[a @ a.T, cross], [cross.T, ZZ]])
     e, W = np.linalg.eigh(G)
     e, W = np.maximum(e[::-1], 0.0), W[:, ::-1]
     k = min(rank, int(np.sum(e > 1e-14 * (e[0] if e.size else 0.0))))
     s = np.sqrt(e[:k])
-    Wr = W[:, :k]
-    b = np.zeros((left.shape[0], rank), dtype=dtype)
-    a_out = np.zeros((rank, A.shape[1]), dtype=dtype)
-    b[:, :k] = left @ (Wr * np.sqrt(s / scaling)).astype(dtype)
     h = c.shape[0]
-    a_out[:k] = ((Wr[:h].T / np.sqrt(s * scaling)[:, None]) @ a + (Wr[h:].T / np.sqrt(s * scaling)[:, None]) @ Zq)
+    b_coef = np.zeros((W.shape[0], rank), dtype=dtype)
+    b_coef[:, :k] = W[:, :k] * np.sqrt(s / scaling)
+    rows = W[:, :k].T / np.sqrt(s * scaling)[:, None]  # A~ = rows @ [c A; Zq]
+    a_own = np.zeros((rank, A.shape[0]), dtype=dtype)
+    a_z = np.zeros((rank, Zq.shape[0]), dtype=dtype)
+    a_own[:k] = rows[:, :h] @ c
+    a_z[:k] = rows[:, h:]
     total2 = float(np.sum(e)) + z_tail2
     tail2 = float(np.sum(e[k:])) + z_tail2
-    return LoraFactors(a_out, b, float(scaling)), (float(np.sqrt(tail2 / total2)) if total2 > 0 else 0.0)
+    f = DeferredFactors(left, b_coef, a_own, A, a_z, z_rows, scaling)
+    return f, (float(np.sqrt(tail2 / total2)) if total2 > 0 else 0.0)

@@ -97,6 +97,8 @@ def test_ranged_path_reports_exact_errors_and_is_near_optimal(monkeypatch, p, q,
         best_err = np.sqrt(np.sum(s[r:] ** 2) / np.sum(s**2))
         true_err = np.linalg.norm(target - ref[k].dense()) / np.linalg.norm(target)
         assert ref[k].rank == r and ref[k].scaling == f[k].scaling
+        assert ref[k].A.shape == (r, q) and ref[k].B.shape == (p, r) and ref[k].shape == (p, q)
+        assert ref[k].nbytes == ref[k].A.nbytes + ref[k].B.nbytes
         assert abs(err[k] - true_err) < 1e-8
         if full_range:  # the found range spans all of R^p: same result as the exact path
             np.testing.assert_allclose(ref[k].dense(), exact[k].dense(), atol=1e-8 * np.linalg.norm(target))
