@@ -9,8 +9,10 @@ per part and, as the LAST line, one JSON object with every figure:
 2. the full fast path (``run_clair``, default config plus ``pairs="sampled"``) for N=50 clients,
    rank 8, one 4096 x 4096 module (targets: < 1 s);
 3. a 7B-shaped round: N=100 clients, rank 16, 64 modules of 4096 x 4096, float32 factors generated
-   directly (never dense). Wall time and peak RSS (``resource.getrusage``) against the bytes of
-   the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes). With ``--modules-run K``
+   directly (never dense), sampled pairs with 4 pairs per client (``--pair-degree``). Wall time
+   covers ``run_clair`` and building every client's refined adapters one client at a time (they
+   are :class:`~clair_flower.refinement.DeferredFactors`); peak RSS (``resource.getrusage``)
+   against the bytes of the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes). With ``--modules-run K``
    CLAIR runs on K modules only and the full time is extrapolated from the measured marginal
    cost per module; the JSON says which.
 """
@@ -163,6 +165,9 @@ def main() -> None:
     ap.add_argument("--modules-run", type=int, default=None,
                     help="7B part: run CLAIR on this many of the 64 modules and extrapolate the rest")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--pair-degree", type=int, default=4,
+                    help="7B part: pairs per client of the sampled pair set (default 4: two random "
+                         "Hamiltonian cycles; the library default 2 ceil(log2 N) is 14 at N=100)")
     args = ap.parse_args()
     out: dict = {"quick": args.quick, "load_average_start": os.getloadavg()}
     ref = part_reference_vs_fast(6 if args.quick else 8, 8 if args.quick else 10)
@@ -174,7 +179,8 @@ def main() -> None:
     print("one module:", json.dumps(one))
     out["one_module"] = one
     if not args.skip_7b:
-        big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg, args.modules_run)
+        cfg7 = ClairConfig(pairs="sampled", pair_degree=args.pair_degree)
+        big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg7, args.modules_run)
         print("7B-shaped:", json.dumps(big))
         out["seven_b"] = big
     out["load_average_end"] = os.getloadavg()

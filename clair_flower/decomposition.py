@@ -180,11 +180,12 @@ class BlockProblem:
         return np.concatenate(blocks, axis=1) / self.alpha
 
 
-def block_norms(Y: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Frobenius norm of every column block of ``Y`` (accumulated in float64, no copy)."""
-    col = np.einsum("ij,ij->j", Y, Y, dtype=np.float64)
+def block_norms(Y: np.ndarray, widths: np.ndarray, accumulate: type = np.float64) -> np.ndarray:
+    """Frobenius norm of every column block of ``Y``, column sums accumulated in ``accumulate``
+    (float64 by default, without a copy; the solvers' inner loops use the stack's dtype)."""
+    col = np.einsum("ij,ij->j", Y, Y, dtype=accumulate)
     off = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
-    return np.sqrt(np.maximum(np.add.reduceat(col, off), 0.0)) if Y.shape[1] else np.zeros(0)
+    return np.sqrt(np.maximum(np.add.reduceat(col.astype(np.float64), off), 0.0)) if Y.shape[1] else np.zeros(0)
 
 
 def _normalise(X: np.ndarray, n_pairs: int, ref: float) -> float:

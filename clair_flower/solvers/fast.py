@@ -36,7 +36,6 @@ DENSE_SVD_MAX = 128
 """Use the exact Gram-eigh SVT when ``min(X.shape)`` is at most this, else the partial one."""
 
 PARTIAL_OVERSAMPLE = 8
-PARTIAL_PASSES = 1
 
 SMALL_PROBLEM = 200_000
 """Below this many entries, BLAS runs single-threaded: thread hand-offs on tiny matrices cost
@@ -81,14 +80,14 @@ def blas_threads(n: int):
 
 def _block_shrink(Y: np.ndarray, widths: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
     """Prox of ``tau sum ||.||_F`` over column blocks: scale each block towards zero."""
-    nrm = block_norms(Y, widths)
+    nrm = block_norms(Y, widths, accumulate=Y.dtype)
     fac = np.where(nrm > tau, 1.0 - tau / np.maximum(nrm, 1e-300), 0.0)
     return Y * np.repeat(fac, widths).astype(Y.dtype, copy=False)[None, :], nrm * fac
 
 
 def _block_shrink_into(Y: np.ndarray, widths: np.ndarray, tau: float, out: np.ndarray) -> np.ndarray:
     """:func:`_block_shrink` written into ``out``; returns the shrunk block norms."""
-    nrm = block_norms(Y, widths)
+    nrm = block_norms(Y, widths, accumulate=Y.dtype)
     fac = np.where(nrm > tau, 1.0 - tau / np.maximum(nrm, 1e-300), 0.0)
     np.multiply(Y, np.repeat(fac, widths).astype(Y.dtype, copy=False)[None, :], out=out)
     return nrm * fac
@@ -173,20 +172,18 @@ class _SVT:
             if self.basis is not None:
                 m = min(self.basis.shape[1], k)
                 start[:, :m] = self.basis[:, :m]
-            Qb = np.linalg.qr(start)[0]
-            for _ in range(PARTIAL_PASSES):
-                Qb = np.linalg.qr(Y @ (Y.T @ Qb))[0]
-            Bm = Qb.T @ Y
-            e, V = np.linalg.eigh((Bm @ Bm.T).astype(np.float64))
-            s, V = np.sqrt(np.maximum(e[::-1], 0.0)), V[:, ::-1]
+            # one power half-step to the right space, then Rayleigh-Ritz there: two passes over
+            # Y (Y^T Q, then Y V) instead of three; the warm left basis carries the iteration on
+            Vq = np.linalg.qr(Y.T @ np.linalg.qr(start)[0])[0]
+            u, s, wt = np.linalg.svd((Y @ Vq).astype(np.float64), full_matrices=False)
             if s[-1] <= tau or k >= n:
                 break  # the k-th value is below tau: none above it was missed
             k = min(2 * k, n)
         keep = int(np.sum(s > tau))
-        Vk = V[:, :keep].astype(Y.dtype)
-        U = Qb @ Vk
+        U = u[:, :keep].astype(Y.dtype)
         self.basis, self.rank = U, max(keep, 1)
-        return LowRank(U * (1.0 - tau / s[:keep]).astype(Y.dtype), Vk.T @ Bm), s[:keep] - tau
+        right = wt[:keep].astype(Y.dtype) @ Vq.T
+        return LowRank(U * (s[:keep] - tau).astype(Y.dtype), right), s[:keep] - tau
 
 
 def spectral_norm(X: np.ndarray) -> float:
