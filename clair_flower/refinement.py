@@ -126,7 +126,7 @@ RANGE_MIN_COLUMNS = 512
 the mean's dominant range is found by subspace iteration instead of two Gram
 eigendecompositions of that size (1.5 s to 0.1 s per module at N = 100, rank 16)."""
 RANGE_OVERSAMPLE = 10
-RANGE_PASSES = 2
+RANGE_PASSES = 1
 
 
 def refine_module(
