@@ -132,6 +132,9 @@ class ClairConfig:
 
 @dataclass
 class ClientReport:
+    """One client's outcome. ``refined`` maps modules to factors at the client's rank; for large
+    modules these are :class:`~clair_flower.refinement.DeferredFactors`, built when read."""
+
     vote: float
     score: float
     flagged: bool
