@@ -67,7 +67,7 @@ _BLAS = _openblas()
 
 @contextmanager
 def blas_threads(n: int):
-    """Temporarily limit numpy's BLAS to ``n`` threads (no-op if the library is unknown)."""
+    """Temporarily limit the BLAS of numpy and scipy to ``n`` threads (no-op for unknown builds)."""
     old = [int(getter()) for _, getter in _BLAS]
     for setter, _ in _BLAS:
         setter(int(n))
