@@ -324,8 +324,8 @@ def _client_factors(fac: dict, m: str, active: list) -> ClientFactors:
     """One module's factors with the scaling folded into ``B``, rebuilt on demand (not stored:
     at LLM sizes a second copy of every upload would double the peak memory)."""
     dtype = np.float32 if all(fac[m][c].A.dtype == np.float32 for c in active) else np.float64
-    return ClientFactors([(fac[m][c].scaling * fac[m][c].B).astype(dtype, copy=False) for c in active],
-                         [fac[m][c].A.astype(dtype, copy=False) for c in active])
+    return ClientFactors.scaled([fac[m][c].B for c in active], [fac[m][c].A for c in active],
+                                [fac[m][c].scaling for c in active], dtype)
 
 
 def _drop_dominated(path: list[dict], results: list) -> None:
@@ -358,7 +358,7 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float 
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
     k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
     L_left = res.L_left[:, :k]
-    L_right = (L_left.T.astype(res.L.dtype) @ res.L).astype(np.float64)  # L = L_left @ L_right
+    L_right = res.L_right[:k].astype(np.float64)  # L = L_left @ L_right
     diag = {"solver": res.solver, "form": cfg.form, "status": res.status, "iterations": res.iterations,
             "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
             "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}

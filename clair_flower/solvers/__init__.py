@@ -19,12 +19,14 @@ FORMS = ("constrained", "penalized")
 class SolveResult:
     """Minimiser ``(L, S)`` of one program instance plus what a caller needs from it."""
 
-    L: np.ndarray
-    S: np.ndarray
+    L_left: np.ndarray
+    """Left singular vectors of ``L`` (columns, descending singular values), in the problem's row space."""
+    L_right: np.ndarray
+    """``L = L_left @ L_right``: ``L`` is kept in factors (at LLM sizes the dense ``L`` is as large
+    as the stack and is never needed by CLAIR itself); see :attr:`L`."""
     L_sv: np.ndarray
     """Singular values of ``L`` (descending)."""
-    L_left: np.ndarray
-    """Left singular vectors of ``L`` (columns, same order), in the problem's row space."""
+    S: np.ndarray
     S_norms: np.ndarray
     """``||S_kl||_F`` per pair."""
     objective: float
@@ -34,6 +36,11 @@ class SolveResult:
     solver: str
     state: dict | None = None
     """Solver state for warm starts (ADMM: dual ``Y`` and penalty ``mu``)."""
+
+    @property
+    def L(self) -> np.ndarray:
+        """The dense low-rank part (formed on each access)."""
+        return self.L_left @ self.L_right.astype(self.L_left.dtype, copy=False)
 
 
 def svd_of(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

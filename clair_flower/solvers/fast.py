@@ -197,10 +197,10 @@ def spectral_norm(X: np.ndarray) -> float:
 def admm_constrained(
     X: np.ndarray, widths: np.ndarray, lam: float, tol: float = 1e-7, max_iter: int = 2000,
     warm: SolveResult | None = None, state: dict | None = None, svt: "_SVT | None" = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool]:
+) -> tuple[LowRank, np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Inexact ALM for ``min ||L||_* + lam sum ||S_kl||  s.t. L + S = X``.
 
-    Returns ``L, S, singular values of L, block norms of S, iterations, converged``; the final
+    Returns ``L`` (factors), ``S``, singular values of L, block norms of S, iterations, converged; the final
     dual and penalty are left in ``state`` for warm starts. The iteration is memory-bound on
     the reduced stack, so it runs on preallocated buffers with in-place updates, keeps ``L``
     as factors, and carries the scaled dual ``Ys = Y / mu``, which after the ``S`` step is
@@ -246,7 +246,7 @@ def admm_constrained(
             mu /= 2.0
             Ys *= 2.0
     state.update(Y=Ys * mu, mu=mu)
-    return L.dense(), S, sv, s_norms, it, converged
+    return L, S, sv, s_norms, it, converged
 
 
 def _top_sv(X: np.ndarray, iters: int = 30) -> float:
@@ -311,12 +311,27 @@ def solve_fast(
         state: dict = {}
         svt = _SVT()
         L, S, sv, s_norms, it, ok, obj = _run(X, widths, lam, form, mu, tol, max_iter, warm, state, svt)
-        u, s = (svt.left, sv) if svt.left is not None and svt.left.shape[1] == sv.size else svd_of(L)
+        u, right, s = _singular_factors(L, sv, svt.left)
     return SolveResult(
-        L=L, S=S, L_sv=s, L_left=u, S_norms=block_norms(S, widths),
+        L_left=u, L_right=right, L_sv=s, S=S, S_norms=block_norms(S, widths),
         objective=obj, iterations=it, status="optimal" if ok else "max_iter",
         seconds=time.perf_counter() - t0, solver="fast", state=state or None,
     )
+
+
+def _singular_factors(L: "LowRank | np.ndarray", sv: np.ndarray, left: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(U, R, s)`` with ``L = U @ R``, ``U`` the left singular vectors and ``s`` the singular values.
+
+    The SVT's own left vectors are used when at hand, so ``L`` is never formed densely.
+    """
+    if left is not None and left.shape[1] == sv.size:
+        if isinstance(L, LowRank):
+            return left, (left.T @ L.left) @ L.right, sv
+        return left, left.T @ L, sv
+    dense = L.dense() if isinstance(L, LowRank) else L
+    u, s = svd_of(dense)
+    return u, u.T.astype(dense.dtype, copy=False) @ dense, s
 
 
 @contextmanager

@@ -48,7 +48,7 @@ def solve_reference(
     Sv = np.asarray(S_expr.value)
     u, s = svd_of(Lv)
     return SolveResult(
-        L=Lv, S=Sv, L_sv=s, L_left=u, S_norms=block_norms(Sv, problem.widths),
+        L_left=u, L_right=u.T @ Lv, L_sv=s, S=Sv, S_norms=block_norms(Sv, problem.widths),
         objective=float(prob.value), iterations=int(prob.solver_stats.num_iters or 0),
         status=str(prob.status), seconds=time.perf_counter() - t0, solver="reference",
     )
