@@ -44,7 +44,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +64,12 @@ ClientId = Hashable
 PATH_TOL = 1e-4
 """Tolerance of the lambda-path solves; flags and effective ranks are stable far above it, and
 the chosen point is then polished to ``ClairConfig.tol``."""
+
+PATH_BATCH = 2
+"""Path points solved side by side, each warm-started from the last point of the batch before
+(a warm start saves few iterations: the penalty search dominates). The batches are fixed, so
+the path does not depend on how many threads run them; on 2 cores this halves the first
+module's path, during which no other module can start (they wait for its ``c``)."""
 
 
 class ClairInputError(ValueError):
@@ -263,12 +269,13 @@ def _assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c
             "admissible": cons >= 1 - cfg.consistency_tol and 2 * nflag < n}
 
 
-def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None
-                ) -> tuple[SolveResult, dict]:
+def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None,
+                workers: int = 1) -> tuple[SolveResult, dict]:
     """Solve along the lambda path and pick the admissible point (module docstring).
 
     With ``c_shared`` (the ``c`` another module chose), that point is solved first and kept if
-    admissible, which spares the path on every module but one.
+    admissible, which spares the path on every module but one. The path's points are solved in
+    batches of :data:`PATH_BATCH` on up to ``workers`` threads.
     """
     pairs = problem.pairs
     cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
@@ -287,16 +294,23 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float
         spent = res.iterations
     path, results, warm = [], [], None
     path_tol = cfg.tol if len(cs) == 1 or cfg.solver == "reference" else max(cfg.tol, PATH_TOL)
-    for c in cs:
-        lam = lam_from_c(c, len(pairs))
-        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=path_tol, max_iter=cfg.max_iter, warm=warm)
-        warm = res if cfg.solver == "fast" else None
-        path.append(_assess(res, problem, cfg, n, c, lam, informative))
-        nflag = path[-1]["n_flagged"]
-        results.append(res)
-        _drop_dominated(path, results)
-        if 2 * nflag >= n and any(p["admissible"] for p in path):
-            break  # smaller c only moves more blocks into S: the rest of the path is inadmissible
+    batch = PATH_BATCH if cfg.solver == "fast" else 1
+    for b0 in range(0, len(cs), batch):
+        def point(c: float, warm: SolveResult | None = warm) -> SolveResult:
+            return solve(problem, lam_from_c(c, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=path_tol,
+                         max_iter=cfg.max_iter, warm=warm)
+
+        done = False
+        for c, res in zip(cs[b0 : b0 + batch], _map_lazy(point, cs[b0 : b0 + batch], workers)):
+            warm = res if cfg.solver == "fast" else None
+            path.append(_assess(res, problem, cfg, n, c, lam_from_c(c, len(pairs)), informative))
+            results.append(res)
+            _drop_dominated(path, results)
+            if 2 * path[-1]["n_flagged"] >= n and any(p["admissible"] for p in path):
+                done = True  # smaller c only moves more blocks into S: the rest is inadmissible
+                break
+        if done:
+            break
     adm = [i for i, p in enumerate(path) if p["admissible"]]
     if adm:
         best = min((path[i]["effective_rank"], path[i]["n_flagged"]) for i in adm)
@@ -348,13 +362,14 @@ def _drop_dominated(path: list[dict], results: list) -> None:
             results[i] = None
 
 
-def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float | None = None
-            ) -> tuple[dict, np.ndarray]:
-    """Decompose one module; returns its report pieces and the pair evidence."""
+def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float | None = None,
+            workers: int = 1) -> tuple[dict, np.ndarray]:
+    """Decompose one module (its path on ``workers`` threads); returns its report pieces and
+    the pair evidence."""
     t0 = time.perf_counter()
     problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
     t_red = time.perf_counter() - t0
-    res, info = _solve_path(problem, cfg, n, c_shared)
+    res, info = _solve_path(problem, cfg, n, c_shared, workers)
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
     k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
     L_left = res.L_left[:, :k]
@@ -368,6 +383,17 @@ def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float 
             "L_right": L_right, "diagnostics": diag, "informative": inform, "inner": problem.inner}, ev
 
 
+def _map_lazy(fn, items: Sequence, workers: int) -> Iterator:
+    """``fn`` over ``items`` in order; sequential (and lazy) on one worker, else on threads."""
+    if workers <= 1 or len(items) <= 1:
+        return map(fn, items)
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
+    try:
+        return iter(list(pool.map(fn, items)))
+    finally:
+        pool.shutdown(wait=True)
+
+
 def _map_modules(fn, modules: list[str], workers: int | None) -> list:
     """``[fn(m) for m in modules]`` on a thread pool (BLAS and LAPACK release the GIL)."""
     workers = min(len(modules), workers or os.cpu_count() or 1)
@@ -379,15 +405,15 @@ def _map_modules(fn, modules: list[str], workers: int | None) -> list:
 
 def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: ClairConfig, n: int) -> dict:
     """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``)."""
-    def one(m: str, c_shared: float | None = None) -> dict:
+    def one(m: str, c_shared: float | None = None, workers: int = 1) -> dict:
         try:
-            out, ev = _module(_client_factors(fac, m, active), pairs, cfg, n, c_shared)
+            out, ev = _module(_client_factors(fac, m, active), pairs, cfg, n, c_shared, workers)
         except ValueError as e:  # e.g. every active client uploaded the same update
             raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
         out["evidence"] = ev
         return out
 
-    first = one(modules[0])
+    first = one(modules[0], workers=cfg.workers or os.cpu_count() or 1)  # alone: its path uses every worker
     diag = first["diagnostics"]
     c_shared = diag["c"] if cfg.share_lam and cfg.lam == "auto" and diag["selection"] == "admissible" else None
     rest = _map_modules(lambda m: one(m, c_shared), modules[1:], cfg.workers)

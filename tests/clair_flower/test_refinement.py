@@ -73,13 +73,16 @@ def _dense_inner(B, A):
     return np.array([[np.sum(x * y) for y in dense] for x in dense])
 
 
-@pytest.mark.parametrize("p, q, n, full_range", [(20, 18, 8, True), (160, 120, 30, False)])
-def test_ranged_path_reports_exact_errors_and_is_near_optimal(monkeypatch, p, q, n, full_range):
-    """The large-module path (range of the mean by subspace iteration, errors from ``inner``)."""
+@pytest.mark.parametrize("p, q, n, full_range, mixed", [(20, 18, 8, True, False), (160, 120, 30, False, False),
+                                                        (160, 120, 30, False, True)])
+def test_ranged_path_reports_exact_errors_and_is_near_optimal(monkeypatch, p, q, n, full_range, mixed):
+    """The large-module path (range of the mean by subspace iteration, errors from ``inner``),
+    with equal client ranks and with three ranks mixed (benign clients batched per rank)."""
     import clair_flower.refinement as refinement
 
     monkeypatch.setattr(refinement, "RANGE_MIN_COLUMNS", 0)
-    inst = make_instance(n_clients=n, p=p, q=q, noise=0.1, frac_contaminated=0.2, seed=5)
+    ranks = [(6, 8, 10)[k % 3] for k in range(n)] if mixed else None
+    inst = make_instance(n_clients=n, p=p, q=q, noise=0.1, frac_contaminated=0.2, seed=5, client_ranks=ranks)
     ids = sorted(inst.updates)
     f = [inst.updates[k]["m0"] for k in ids]
     B, A = [x.scaling * x.B for x in f], [x.A for x in f]
