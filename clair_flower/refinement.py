@@ -211,23 +211,27 @@ def _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner, t) -> tupl
     idx = np.asarray(members)
     m_norm2 = float(inner[np.ix_(idx, idx)].sum()) / len(members) ** 2
     Qm = _dominant_range(Bm, Am, U.shape[1] + t + RANGE_OVERSAMPLE)
-    mq = (Qm.T @ Bm) @ Am  # Q_m^T m
-    u, m_s, m_right = np.linalg.svd(mq.astype(np.float64), full_matrices=False)
+    K = np.concatenate([Qm, Uw], axis=1).T @ Bm  # [Q_m, U]^T B_members / |C|
+    KA = (K @ Am).astype(np.float64)
+    mq, um = KA[: Qm.shape[1]], KA[Qm.shape[1] :]  # Q_m^T m and U^T m
+    u, m_s, m_right = np.linalg.svd(mq, full_matrices=False)
     m_left = Qm @ u.astype(dtype)
     kmax = int(np.argmax(ranks))
     consensus, _ = top_factors(m_left, m_s, m_right, r_max, scalings[kmax], dtype, m_norm2)
-    Qz = Qm - Uw @ (Uw.T @ Qm)
-    uz, sz, _ = np.linalg.svd(Qz - Uw @ (Uw.T @ Qz), full_matrices=False)  # twice: orthogonal to U
-    Qz = uz[:, sz > 1e-5]  # directions of Q_m (almost) inside span(U) carry nothing of Z
-    Zq = ((Qz.T @ Bm) @ Am).astype(np.float64)  # Q_z^T Z, as Q_z is orthogonal to U
-    um = ((Uw.T @ Bm) @ Am).astype(np.float64)
+    QmU = (Qm.T @ Uw).astype(np.float64)
+    Qz = Qm - Uw @ QmU.T.astype(dtype)
+    uz, sz, vzt = np.linalg.svd(Qz - Uw @ (Uw.T @ Qz), full_matrices=False)  # twice: orthogonal to U
+    keep = sz > 1e-5  # directions of Q_m (almost) inside span(U) carry nothing of Z
+    Qz = uz[:, keep]
+    # Q_z^T Z = Q_z^T m (Q_z is orthogonal to U), from the products at hand: Q_z = (I - P) Q_m V / s
+    Zq = (vzt[keep] / sz[keep, None]) @ (mq - QmU @ um)
     z_tail2 = max(m_norm2 - float(np.sum(um**2)) - float(np.sum(Zq**2)), 0.0)
     left = np.concatenate([Uw, Qz], axis=1)
     ZZ = Zq @ Zq.T
     z_rows = Zq.astype(dtype)
     consensus_at: dict[tuple, tuple[LoraFactors, float]] = {}  # flagged clients share one per rank
-    benign = _refactor_members(left, (Uw.T @ Bm).astype(np.float64) * len(members), Am, A, members, ranks,
-                               scalings, Zq, ZZ, z_tail2, z_rows)
+    benign = _refactor_members(left, K[Qm.shape[1] :].astype(np.float64) * len(members), Am, A, members,
+                               ranks, scalings, ZZ, z_tail2, z_rows)
     refined, errors = [], []
     for k in range(len(B)):
         if k in benign:
@@ -290,32 +294,35 @@ class DeferredFactors(LoraFactors):
 
 
 def _refactor_members(left: np.ndarray, CB: np.ndarray, Am: np.ndarray, A: Sequence[np.ndarray],
-                      members: Sequence[int], ranks: Sequence[int], scalings: Sequence[float], Zq: np.ndarray,
-                      ZZ: np.ndarray, z_tail2: float, z_rows: np.ndarray) -> dict[int, tuple[LoraFactors, float]]:
+                      members: Sequence[int], ranks: Sequence[int], scalings: Sequence[float], ZZ: np.ndarray,
+                      z_tail2: float, z_rows: np.ndarray) -> dict[int, tuple[LoraFactors, float]]:
     """Best rank-``r_k`` factors of ``left @ R_k``, ``R_k = [c_k A_k; Zq]``, for every member ``k``.
 
-    ``CB = U^T [B_members]`` holds the ``c_k`` side by side and ``Am`` the members' ``A`` rows.
-    ``R_k = W diag(s) V^T`` from the eigh of ``R_k R_k^T`` (assembled from small blocks), so
-    ``V`` is never formed: ``A~ = diag(1/sqrt(s scaling)) W_r^T R_k``. Balanced split as in
-    :func:`clair_flower.lora.refactor`; the error includes the dropped tail of ``Z``. Clients of
-    equal rank are done in one batch (a hundred clients one at a time cost ~5x more). The
-    factors are :class:`DeferredFactors` sharing ``left`` and ``z_rows`` (``Zq`` in the working dtype).
+    ``CB = U^T [B_members]`` holds the ``c_k`` side by side, ``Am`` the members' ``A`` rows and
+    ``z_rows`` is ``Zq`` in the working dtype. ``R_k = W diag(s) V^T`` from the eigh of
+    ``R_k R_k^T = [[c_k G_k c_k^T, c_k A_k Zq^T], [., Zq Zq^T]]`` with ``G_k = A_k A_k^T``, so
+    neither ``V`` nor ``c_k A_k`` is formed: ``A~ = diag(1/sqrt(s scaling)) W_r^T R_k``. Balanced
+    split as in :func:`clair_flower.lora.refactor`; the error includes the dropped tail of ``Z``.
+    Clients of equal rank are done in one batch. The factors are :class:`DeferredFactors`
+    sharing ``left`` and ``z_rows``.
     """
     dtype = z_rows.dtype
-    h = CB.shape[0]
+    h, tz = CB.shape[0], ZZ.shape[0]
     off = np.concatenate([[0], np.cumsum([ranks[k] for k in members])]).astype(int)
+    AZ = (Am @ z_rows.T).astype(np.float64)  # A_k Zq^T for every member, stacked
     by_rank: dict[int, list[int]] = {}
     for j, k in enumerate(members):
         by_rank.setdefault(ranks[k], []).append(j)
     out: dict[int, tuple[LoraFactors, float]] = {}
     for r, js in by_rank.items():
+        g = len(js)
         rows_of = np.concatenate([np.arange(off[j], off[j] + r) for j in js])
-        C = CB[:, rows_of].reshape(h, len(js), r).transpose(1, 0, 2)  # (G, h, r)
-        A3 = Am[rows_of].reshape(len(js), r, -1)
-        a = np.matmul(C.astype(dtype), A3).astype(np.float64)  # (G, h, q): U^T dW_k
-        G = np.empty((len(js), h + ZZ.shape[0], h + ZZ.shape[0]))
-        G[:, :h, :h] = np.matmul(a, a.transpose(0, 2, 1))
-        G[:, :h, h:] = (a.reshape(-1, a.shape[2]) @ Zq.T).reshape(len(js), h, -1)
+        C = CB[:, rows_of].reshape(h, g, r).transpose(1, 0, 2)  # (g, h, r)
+        A3 = Am[rows_of].reshape(g, r, -1)
+        Gk = np.matmul(A3, A3.transpose(0, 2, 1)).astype(np.float64)
+        G = np.empty((g, h + tz, h + tz))
+        G[:, :h, :h] = np.matmul(np.matmul(C, Gk), C.transpose(0, 2, 1))
+        G[:, :h, h:] = np.matmul(C, AZ[rows_of].reshape(g, r, tz))
         G[:, h:, :h] = G[:, :h, h:].transpose(0, 2, 1)
         G[:, h:, h:] = ZZ
         e, W = np.linalg.eigh(G)
@@ -325,20 +332,20 @@ def _refactor_members(left: np.ndarray, CB: np.ndarray, Am: np.ndarray, A: Seque
         valid = e[:, :kept] > 1e-14 * e[:, :1]
         s_ = np.where(valid, np.sqrt(e[:, :kept]), 0.0)
         Wr = W[:, :, :kept] * valid[:, None, :]
-        b_coef = np.zeros((len(js), W.shape[1], r))
+        b_coef = np.zeros((g, W.shape[1], r))
         b_coef[:, :, :kept] = Wr * np.sqrt(s_ / sc)[:, None, :]
         rows = Wr.transpose(0, 2, 1) / np.where(valid, np.sqrt(np.maximum(s_, 1e-300) * sc), 1.0)[:, :, None]
-        a_own = np.zeros((len(js), r, r))
+        a_own = np.zeros((g, r, r))
         a_own[:, :kept] = np.matmul(rows[:, :, :h], C)
-        a_z = np.zeros((len(js), r, ZZ.shape[0]))
+        a_z = np.zeros((g, r, tz))
         a_z[:, :kept] = rows[:, :, h:]
         dropped = np.arange(e.shape[1])[None, :] >= valid.sum(axis=1)[:, None]
         total2 = e.sum(axis=1) + z_tail2
         tail2 = np.where(dropped, e, 0.0).sum(axis=1) + z_tail2
         err = np.sqrt(np.divide(tail2, total2, out=np.zeros_like(total2), where=total2 > 0))
-        for g, j in enumerate(js):
+        for i, j in enumerate(js):
             k = members[j]
-            f = DeferredFactors(left, b_coef[g].astype(dtype), a_own[g].astype(dtype), A[k],
-                                a_z[g].astype(dtype), z_rows, scalings[k])
-            out[k] = (f, float(err[g]))
+            f = DeferredFactors(left, b_coef[i].astype(dtype), a_own[i].astype(dtype), A[k],
+                                a_z[i].astype(dtype), z_rows, scalings[k])
+            out[k] = (f, float(err[i]))
     return out
