@@ -218,9 +218,11 @@ def block_norms(Y: np.ndarray, widths: np.ndarray, accumulate: type = np.float64
     return np.sqrt(np.maximum(np.add.reduceat(col.astype(np.float64), off), 0.0)) if Y.shape[1] else np.zeros(0)
 
 
-def _normalise(X: np.ndarray, n_pairs: int, ref: float) -> float:
-    """``alpha`` with ``||alpha X||_F = sqrt(|P|)``; ``ref`` is the RMS update norm times sqrt(|P|)."""
-    nrm = float(np.linalg.norm(X))
+def _normalise(norms: np.ndarray, n_pairs: int, ref: float) -> float:
+    """``alpha`` with ``||alpha X||_F = sqrt(|P|)`` from the block norms of ``X`` (accumulated in
+    float64: a float32 dot over the whole stack is off by ~1e-4); ``ref`` is the RMS update norm
+    times ``sqrt(|P|)``."""
+    nrm = float(np.sqrt(np.sum(norms**2)))
     if nrm <= 1e-9 * ref or nrm == 0.0:
         raise ValueError("all pairwise differences are zero: every client uploaded the same update")
     return math.sqrt(n_pairs) / nrm
@@ -233,9 +235,10 @@ def dense_problem(cf: ClientFactors, pairs: Sequence[Pair]) -> BlockProblem:
     q = dense[0].shape[1]
     widths = np.full(len(pairs), q, dtype=int)
     ref = math.sqrt(np.mean([np.sum(d**2) for d in dense]) * len(pairs))
-    alpha = _normalise(X, len(pairs), ref)
+    norms = block_norms(X, widths)
+    alpha = _normalise(norms, len(pairs), ref)
     X *= alpha
-    return BlockProblem(X, widths, list(pairs), alpha, block_norms(X, widths))
+    return BlockProblem(X, widths, list(pairs), alpha, norms * alpha)
 
 
 def _sqrt_factor(G: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +322,7 @@ def reduced_problem(
     work = np.float32 if dtype == np.float32 else np.float64  # the stack in the inputs' precision
     cas = _pair_right_factors(GA, off, pairs, rtol)
     widths_arr = np.asarray([ca.shape[1] for ca, _ in cas], dtype=int)
-    X = np.empty((F.shape[0], int(widths_arr.sum())), dtype=work)
+    X = np.empty((F.shape[0], int(widths_arr.sum())), dtype=work, order="F")  # blocks contiguous
     rights, col = [], 0
     for (k, l), (Ca, T) in zip(pairs, cas):
         rk = off[k + 1] - off[k]
@@ -331,11 +334,12 @@ def reduced_problem(
             rights.append(T.T @ Aall[idx].astype(np.float64))
     inner = client_inner(GB, GA, off)
     ref = math.sqrt(max(float(np.mean(np.diag(inner))), 0.0) * len(pairs))
-    alpha = _normalise(X, len(pairs), ref)
+    norms = block_norms(X, widths_arr)
+    alpha = _normalise(norms, len(pairs), ref)
     X *= alpha
     info = {"method": method, "reduced_shape": [int(X.shape[0]), int(X.shape[1])]}
     return BlockProblem(
-        X, widths_arr, list(pairs), alpha, block_norms(X, widths_arr),
+        X, widths_arr, list(pairs), alpha, norms * alpha,
         left=basis, right=rights if keep_right else None, inner=inner, info=info,
     )
 

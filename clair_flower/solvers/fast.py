@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -85,36 +86,15 @@ def _block_shrink(Y: np.ndarray, widths: np.ndarray, tau: float) -> tuple[np.nda
     return Y * np.repeat(fac, widths).astype(Y.dtype, copy=False)[None, :], nrm * fac
 
 
-def _block_shrink_into(Y: np.ndarray, widths: np.ndarray, tau: float, out: np.ndarray) -> np.ndarray:
-    """:func:`_block_shrink` written into ``out``; returns the shrunk block norms."""
-    nrm = block_norms(Y, widths, accumulate=Y.dtype)
-    fac = np.where(nrm > tau, 1.0 - tau / np.maximum(nrm, 1e-300), 0.0)
-    np.multiply(Y, np.repeat(fac, widths).astype(Y.dtype, copy=False)[None, :], out=out)
-    return nrm * fac
-
-
 class LowRank:
-    """``L = left @ right`` kept as factors: the ADMM only ever needs ``T - L``, which one
-    in-place GEMM forms without writing ``L`` out (a full pass over the stack saved)."""
+    """``L = left @ right`` kept as factors: the ADMM only ever needs ``T - L``, which it forms
+    chunk by chunk with an in-place GEMM, never writing ``L`` out."""
 
     def __init__(self, left: np.ndarray, right: np.ndarray) -> None:
         self.left, self.right = left, right
 
     def dense(self) -> np.ndarray:
         return self.left @ self.right
-
-    def subtract_from(self, T: np.ndarray) -> None:
-        """``T -= left @ right`` in place (BLAS gemm on the transposed, Fortran-ordered view)."""
-        if self.left.shape[1] == 0:
-            return
-        if not T.flags.c_contiguous:
-            T -= self.dense()
-            return
-        gemm = scipy.linalg.blas.get_blas_funcs("gemm", (T,))
-        out = gemm(-1.0, self.right.T.astype(T.dtype, copy=False), self.left.T.astype(T.dtype, copy=False),
-                   1.0, T.T, overwrite_c=1)
-        if not np.shares_memory(out, T):  # the library copied after all
-            T[...] = out.T
 
 
 def _svt_gram(Y: np.ndarray, tau: float) -> tuple[LowRank, np.ndarray, np.ndarray | None]:
@@ -152,33 +132,52 @@ class _SVT:
         self.rng = np.random.default_rng(seed)
         self.rank = 8
 
-    def __call__(self, Y: np.ndarray, tau: float) -> tuple[LowRank, np.ndarray]:
-        """``SVT_tau(Y)`` as factors, and its nonzero singular values."""
+    def __call__(self, Y: np.ndarray, tau: float, proj: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[LowRank, np.ndarray]:
+        """``SVT_tau(Y)`` as factors, and its nonzero singular values.
+
+        ``proj = (Q, Y^T Q)`` hands in the first pass of the partial SVT, computed by the caller
+        while ``Y`` was in cache (``Q`` from :meth:`start`; wide ``Y`` only).
+        """
         if min(Y.shape) <= DENSE_SVD_MAX:
             L, s, self.left = _svt_gram(Y, tau)
             return L, s
-        L, s = self._partial(Y, tau)
+        L, s = self._partial(Y, tau, proj)
         self.left = self.basis if Y.shape[0] <= Y.shape[1] else None
         return L, s
 
-    def _partial(self, Y: np.ndarray, tau: float) -> tuple[LowRank, np.ndarray]:
+    def uses_start(self, shape: tuple[int, int]) -> bool:
+        """Whether a call on a matrix of this shape takes ``proj`` (partial SVT of a wide matrix)."""
+        return min(shape) > DENSE_SVD_MAX and shape[0] <= shape[1]
+
+    def start(self, n: int, dtype, k: int | None = None) -> np.ndarray:
+        """Orthonormal ``n x k`` start of the next partial SVT: the last left singular vectors,
+        then random columns (``k`` defaults to the last rank plus the oversampling)."""
+        k = min(self.rank + PARTIAL_OVERSAMPLE, n) if k is None else k
+        start = self.rng.standard_normal((n, k)).astype(dtype)
+        if self.basis is not None:
+            m = min(self.basis.shape[1], k)
+            start[:, :m] = self.basis[:, :m]
+        return np.linalg.qr(start)[0]
+
+    def _partial(self, Y: np.ndarray, tau: float, proj: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[LowRank, np.ndarray]:
         if Y.shape[0] > Y.shape[1]:
             L, s = self._partial(Y.T, tau)
             return LowRank(L.right.T, L.left.T), s
         n = Y.shape[0]
-        k = min(self.rank + PARTIAL_OVERSAMPLE, n)
+        Q, P = proj if proj is not None else (None, None)
         while True:
-            start = self.rng.standard_normal((n, k)).astype(Y.dtype)
-            if self.basis is not None:
-                m = min(self.basis.shape[1], k)
-                start[:, :m] = self.basis[:, :m]
+            if P is None:
+                Q = self.start(n, Y.dtype, None if Q is None else min(2 * Q.shape[1], n))
+                P = Y.T @ Q
             # one power half-step to the right space, then Rayleigh-Ritz there: two passes over
             # Y (Y^T Q, then Y V) instead of three; the warm left basis carries the iteration on
-            Vq = np.linalg.qr(Y.T @ np.linalg.qr(start)[0])[0]
+            Vq = np.linalg.qr(P)[0]
             u, s, wt = np.linalg.svd((Y @ Vq).astype(np.float64), full_matrices=False)
-            if s[-1] <= tau or k >= n:
+            if s[-1] <= tau or Q.shape[1] >= n:
                 break  # the k-th value is below tau: none above it was missed
-            k = min(2 * k, n)
+            P = None  # grow the subspace
         keep = int(np.sum(s > tau))
         U = u[:, :keep].astype(Y.dtype)
         self.basis, self.rank = U, max(keep, 1)
@@ -194,18 +193,100 @@ def spectral_norm(X: np.ndarray) -> float:
     return float(np.sqrt(max(np.linalg.eigvalsh(G.astype(np.float64))[-1], 0.0)))
 
 
+CHUNK_BYTES = 1 << 20
+"""Target size of one column chunk of the stack in the ADMM sweep: the chunk and its few
+temporaries stay in cache while every elementwise step runs on them."""
+
+
+def _column_chunks(widths: np.ndarray, rows: int, itemsize: int) -> list[tuple[int, int, int, int]]:
+    """``(c0, c1, b0, b1)``: columns ``c0:c1`` holding whole blocks ``b0:b1``, about
+    :data:`CHUNK_BYTES` each (a block wider than that is a chunk of its own)."""
+    target = max(1, CHUNK_BYTES // max(rows * itemsize, 1))
+    off = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    chunks, b0 = [], 0
+    while b0 < len(widths):
+        b1 = b0 + 1
+        while b1 < len(widths) and off[b1 + 1] - off[b0] <= target:
+            b1 += 1
+        chunks.append((int(off[b0]), int(off[b1]), b0, b1))
+        b0 = b1
+    return chunks
+
+
+def _form_W(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, chunks: list,
+            Q: np.ndarray | None) -> np.ndarray | None:
+    """``W = X + Ys - S`` and, with a start basis ``Q``, ``W^T Q`` (start and after a penalty change)."""
+    P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
+    for c0, c1, _, _ in chunks:
+        Wc = W[:, c0:c1]
+        np.add(X[:, c0:c1], Ys[:, c0:c1], out=Wc)
+        Wc -= S[:, c0:c1]
+        if P is not None:
+            P[c0:c1] = Wc.T @ Q
+    return P
+
+
+def _sweep(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, L: LowRank, widths: np.ndarray,
+           chunks: list, thr: float, Q: np.ndarray | None, buf: tuple[np.ndarray, np.ndarray]
+           ) -> tuple[np.ndarray, float, float, np.ndarray | None]:
+    """One ADMM pass after the SVT, chunk by chunk, in place:
+
+    ``T = X + Ys - L``; ``S+ = shrink(T)`` blockwise; ``Ys+ = T - S+`` (``T`` scaled by
+    ``1 - f`` per block); the next SVT input ``W = X + Ys+ - S+`` and, given ``Q``, ``W^T Q``.
+    Returns the block norms of ``S+``, ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
+    Each chunk is read from memory once and written once (three passes over the stack in all,
+    instead of about nine with whole-stack steps), which is what the memory-bound iteration
+    costs, and what two concurrent solves contend for.
+    """
+    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (X,))
+    P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
+    norms = np.empty(len(widths))
+    d2 = p2 = 0.0
+    left = np.asfortranarray(L.left, dtype=X.dtype)
+    for c0, c1, b0, b1 in chunks:
+        w = c1 - c0
+        t, u = buf[0][:, :w], buf[1][:, :w]
+        np.add(X[:, c0:c1], Ys[:, c0:c1], out=t)
+        if left.shape[1]:
+            out = gemm(-1.0, left, L.right[:, c0:c1], 1.0, t, overwrite_c=1)
+            if not np.shares_memory(out, t):  # the wrapper copied after all
+                t[...] = out
+        wb = widths[b0:b1]
+        col = np.einsum("ij,ij->j", t, t)
+        nrm = np.sqrt(np.maximum(np.add.reduceat(col.astype(np.float64), np.concatenate([[0], np.cumsum(wb)[:-1]])), 0.0))
+        f = np.where(nrm > thr, 1.0 - thr / np.maximum(nrm, 1e-300), 0.0)
+        norms[b0:b1] = nrm * f
+        fr = np.repeat(f.astype(X.dtype), wb)
+        Sc, Yc, Wc = S[:, c0:c1], Ys[:, c0:c1], W[:, c0:c1]
+        np.multiply(t, fr, out=Wc)  # S+ (parked in W's chunk)
+        np.subtract(Wc, Sc, out=u)
+        flat = u.ravel(order="K")  # a view (np.vdot would copy an F-ordered chunk)
+        d2 += float(flat @ flat)
+        Sc[...] = Wc
+        t *= 1.0 - fr  # Ys+
+        np.subtract(t, Yc, out=u)
+        p2 += float(flat @ flat)
+        Yc[...] = t
+        np.subtract(t, Wc, out=Wc)
+        Wc += X[:, c0:c1]
+        if P is not None:
+            P[c0:c1] = Wc.T @ Q
+    return norms, d2, p2, P
+
+
 def admm_constrained(
     X: np.ndarray, widths: np.ndarray, lam: float, tol: float = 1e-7, max_iter: int = 2000,
     warm: SolveResult | None = None, state: dict | None = None, svt: "_SVT | None" = None,
 ) -> tuple[LowRank, np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Inexact ALM for ``min ||L||_* + lam sum ||S_kl||  s.t. L + S = X``.
 
-    Returns ``L`` (factors), ``S``, singular values of L, block norms of S, iterations, converged; the final
-    dual and penalty are left in ``state`` for warm starts. The iteration is memory-bound on
-    the reduced stack, so it runs on preallocated buffers with in-place updates, keeps ``L``
-    as factors, and carries the scaled dual ``Ys = Y / mu``, which after the ``S`` step is
-    exactly what the shrinkage removed: ``Ys+ = (X + Ys - L) - S+``, and the primal residual
-    ``X - L - S+`` is ``Ys+ - Ys`` (about nine passes over ``X`` per iteration).
+    Returns ``L`` (factors), ``S``, singular values of L, block norms of S, iterations,
+    converged; the final dual and penalty are left in ``state`` for warm starts. The iteration
+    is memory-bound on the reduced stack, so it carries the scaled dual ``Ys = Y / mu``, keeps
+    ``L`` as factors and runs everything after the SVT as one cache-sized sweep per column
+    chunk (:func:`_sweep`), which also takes the SVT's first pass for the next iteration.
+    After the ``S`` step ``Ys+ = (X + Ys - L) - S+``, so the primal residual ``X - L - S+`` is
+    ``Ys+ - Ys``. The penalty follows residual balancing (Boyd et al. 2011, sec. 3.4.1).
     """
     state = {} if state is None else state
     normX = float(np.linalg.norm(X))
@@ -218,33 +299,29 @@ def admm_constrained(
         Ys = X / (mu * max(norm2, float(block_norms(X, widths).max()) / lam))
     S = np.zeros_like(X) if warm is None else warm.S.astype(X.dtype)
     svt = _SVT() if svt is None else svt
-    sv = np.zeros(0)
-    s_norms = np.zeros(len(widths))
-    T, W = np.empty_like(X), np.empty_like(X)
+    chunks = _column_chunks(widths, X.shape[0], X.itemsize)
+    wmax = max(c1 - c0 for c0, c1, _, _ in chunks)
+    buf = (np.empty((X.shape[0], wmax), X.dtype, order="F"), np.empty((X.shape[0], wmax), X.dtype, order="F"))
+    W = np.empty_like(X)
+    partial = svt.uses_start(X.shape)
+    Q = svt.start(X.shape[0], X.dtype) if partial else None
+    P = _form_W(X, Ys, S, W, chunks, Q)
+    sv, s_norms = np.zeros(0), np.zeros(len(widths))
     L = LowRank(np.zeros((X.shape[0], 0), X.dtype), np.zeros((0, X.shape[1]), X.dtype))
     converged, it = False, 0
     for it in range(1, max_iter + 1):
-        np.add(X, Ys, out=T)
-        np.subtract(T, S, out=W)
-        L, sv = svt(W, 1.0 / mu)
-        L.subtract_from(T)  # T = X + Ys - L
-        s_norms = _block_shrink_into(T, widths, lam / mu, W)  # W = S+
-        np.subtract(W, S, out=S)
-        dual = mu * float(np.linalg.norm(S)) / normX
-        S, W = W, S
-        np.subtract(T, S, out=T)  # T = Ys+
-        np.subtract(T, Ys, out=W)  # W = X - L - S+
-        primal = float(np.linalg.norm(W)) / normX
-        Ys, T = T, Ys
+        L, sv = svt(W, 1.0 / mu, (Q, P) if partial else None)
+        Q = svt.start(X.shape[0], X.dtype) if partial else None
+        s_norms, d2, p2, P = _sweep(X, Ys, S, W, L, widths, chunks, lam / mu, Q, buf)
+        dual, primal = mu * math.sqrt(d2) / normX, math.sqrt(p2) / normX
         if primal < tol and dual < tol:
             converged = True
             break
-        if primal > 5.0 * dual:  # residual balancing (Boyd et al. 2011, sec. 3.4.1)
-            mu *= 2.0
-            Ys *= 0.5
-        elif dual > 5.0 * primal:
-            mu /= 2.0
-            Ys *= 2.0
+        if primal > 5.0 * dual or dual > 5.0 * primal:
+            scale = 0.5 if primal > 5.0 * dual else 2.0
+            mu /= scale
+            Ys *= scale
+            P = _form_W(X, Ys, S, W, chunks, Q)
     state.update(Y=Ys * mu, mu=mu)
     return L, S, sv, s_norms, it, converged
 
