@@ -174,7 +174,8 @@ class _SVT:
             # one power half-step to the right space, then Rayleigh-Ritz there: two passes over
             # Y (Y^T Q, then Y V) instead of three; the warm left basis carries the iteration on
             Vq = np.linalg.qr(P)[0]
-            u, s, wt = np.linalg.svd((Y @ Vq).astype(np.float64), full_matrices=False)
+            YV = (Vq.T @ Y.T).T if Y.flags.f_contiguous else Y @ Vq  # the faster GEMM layout
+            u, s, wt = np.linalg.svd(YV.astype(np.float64), full_matrices=False)
             if s[-1] <= tau or Q.shape[1] >= n:
                 break  # the k-th value is below tau: none above it was missed
             P = None  # grow the subspace
@@ -198,9 +199,10 @@ CHUNK_BYTES = 1 << 20
 temporaries stay in cache while every elementwise step runs on them."""
 
 
-def _column_chunks(widths: np.ndarray, rows: int, itemsize: int) -> list[tuple[int, int, int, int]]:
-    """``(c0, c1, b0, b1)``: columns ``c0:c1`` holding whole blocks ``b0:b1``, about
-    :data:`CHUNK_BYTES` each (a block wider than that is a chunk of its own)."""
+def _column_chunks(widths: np.ndarray, rows: int, itemsize: int) -> list[tuple]:
+    """``(c0, c1, b0, b1, starts)``: columns ``c0:c1`` holding whole blocks ``b0:b1`` (starting
+    at ``starts`` within the chunk), about :data:`CHUNK_BYTES` each (a block wider than that is
+    a chunk of its own)."""
     target = max(1, CHUNK_BYTES // max(rows * itemsize, 1))
     off = np.concatenate([[0], np.cumsum(widths)]).astype(int)
     chunks, b0 = [], 0
@@ -208,7 +210,7 @@ def _column_chunks(widths: np.ndarray, rows: int, itemsize: int) -> list[tuple[i
         b1 = b0 + 1
         while b1 < len(widths) and off[b1 + 1] - off[b0] <= target:
             b1 += 1
-        chunks.append((int(off[b0]), int(off[b1]), b0, b1))
+        chunks.append((int(off[b0]), int(off[b1]), b0, b1, off[b0:b1] - off[b0]))
         b0 = b1
     return chunks
 
@@ -217,7 +219,7 @@ def _form_W(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, chunks:
             Q: np.ndarray | None) -> np.ndarray | None:
     """``W = X + Ys - S`` and, with a start basis ``Q``, ``W^T Q`` (start and after a penalty change)."""
     P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
-    for c0, c1, _, _ in chunks:
+    for c0, c1, *_ in chunks:
         Wc = W[:, c0:c1]
         np.add(X[:, c0:c1], Ys[:, c0:c1], out=Wc)
         Wc -= S[:, c0:c1]
@@ -226,16 +228,16 @@ def _form_W(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, chunks:
     return P
 
 
-def _sweep(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, L: LowRank, widths: np.ndarray,
-           chunks: list, thr: float, Q: np.ndarray | None, buf: tuple[np.ndarray, np.ndarray]
-           ) -> tuple[np.ndarray, float, float, np.ndarray | None]:
-    """One ADMM pass after the SVT, chunk by chunk, in place:
+def _sweep(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, out: tuple[np.ndarray, np.ndarray, np.ndarray],
+           L: LowRank, widths: np.ndarray, chunks: list, thr: float, Q: np.ndarray | None,
+           buf: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float, float, np.ndarray | None]:
+    """One ADMM pass after the SVT, chunk by chunk, into ``out = (Ys+, S+, W)``:
 
     ``T = X + Ys - L``; ``S+ = shrink(T)`` blockwise; ``Ys+ = T - S+`` (``T`` scaled by
     ``1 - f`` per block); the next SVT input ``W = X + Ys+ - S+`` and, given ``Q``, ``W^T Q``.
     Returns the block norms of ``S+``, ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
-    Each chunk is read from memory once and written once (three passes over the stack in all,
-    instead of about nine with whole-stack steps), which is what the memory-bound iteration
+    Each chunk is read from memory once and written once (six passes over the stack in all,
+    against about twenty with whole-stack steps): that is what the memory-bound iteration
     costs, and what two concurrent solves contend for.
     """
     gemm = scipy.linalg.blas.get_blas_funcs("gemm", (X,))
@@ -243,34 +245,31 @@ def _sweep(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, W: np.ndarray, L: LowRa
     norms = np.empty(len(widths))
     d2 = p2 = 0.0
     left = np.asfortranarray(L.left, dtype=X.dtype)
-    for c0, c1, b0, b1 in chunks:
+    for c0, c1, b0, b1, starts in chunks:
         w = c1 - c0
         t, u = buf[0][:, :w], buf[1][:, :w]
-        np.add(X[:, c0:c1], Ys[:, c0:c1], out=t)
+        flat = u.ravel(order="K")  # a view (np.vdot would copy an F-ordered chunk)
+        Xc, Yc, Sc = X[:, c0:c1], Ys[:, c0:c1], S[:, c0:c1]
+        Yn, Sn, Wn = (a[:, c0:c1] for a in out)
+        np.add(Xc, Yc, out=t)
         if left.shape[1]:
-            out = gemm(-1.0, left, L.right[:, c0:c1], 1.0, t, overwrite_c=1)
-            if not np.shares_memory(out, t):  # the wrapper copied after all
-                t[...] = out
-        wb = widths[b0:b1]
-        col = np.einsum("ij,ij->j", t, t)
-        nrm = np.sqrt(np.maximum(np.add.reduceat(col.astype(np.float64), np.concatenate([[0], np.cumsum(wb)[:-1]])), 0.0))
+            res = gemm(-1.0, left, L.right[:, c0:c1], 1.0, t, overwrite_c=1)
+            if not np.shares_memory(res, t):  # the wrapper copied after all
+                t[...] = res
+        nrm = np.sqrt(np.add.reduceat(np.einsum("ij,ij->j", t, t), starts).astype(np.float64))
         f = np.where(nrm > thr, 1.0 - thr / np.maximum(nrm, 1e-300), 0.0)
         norms[b0:b1] = nrm * f
-        fr = np.repeat(f.astype(X.dtype), wb)
-        Sc, Yc, Wc = S[:, c0:c1], Ys[:, c0:c1], W[:, c0:c1]
-        np.multiply(t, fr, out=Wc)  # S+ (parked in W's chunk)
-        np.subtract(Wc, Sc, out=u)
-        flat = u.ravel(order="K")  # a view (np.vdot would copy an F-ordered chunk)
+        fr = np.repeat(f.astype(X.dtype), widths[b0:b1])
+        np.multiply(t, fr, out=Sn)
+        np.subtract(Sn, Sc, out=u)
         d2 += float(flat @ flat)
-        Sc[...] = Wc
-        t *= 1.0 - fr  # Ys+
-        np.subtract(t, Yc, out=u)
+        np.multiply(t, 1.0 - fr, out=Yn)
+        np.subtract(Yn, Yc, out=u)
         p2 += float(flat @ flat)
-        Yc[...] = t
-        np.subtract(t, Wc, out=Wc)
-        Wc += X[:, c0:c1]
+        np.subtract(Yn, Sn, out=Wn)
+        Wn += Xc
         if P is not None:
-            P[c0:c1] = Wc.T @ Q
+            P[c0:c1] = Wn.T @ Q
     return norms, d2, p2, P
 
 
@@ -300,9 +299,9 @@ def admm_constrained(
     S = np.zeros_like(X) if warm is None else warm.S.astype(X.dtype)
     svt = _SVT() if svt is None else svt
     chunks = _column_chunks(widths, X.shape[0], X.itemsize)
-    wmax = max(c1 - c0 for c0, c1, _, _ in chunks)
+    wmax = max(c1 - c0 for c0, c1, *_ in chunks)
     buf = (np.empty((X.shape[0], wmax), X.dtype, order="F"), np.empty((X.shape[0], wmax), X.dtype, order="F"))
-    W = np.empty_like(X)
+    W, S_next, Y_next = np.empty_like(X), np.empty_like(X), np.empty_like(X)
     partial = svt.uses_start(X.shape)
     Q = svt.start(X.shape[0], X.dtype) if partial else None
     P = _form_W(X, Ys, S, W, chunks, Q)
@@ -312,7 +311,8 @@ def admm_constrained(
     for it in range(1, max_iter + 1):
         L, sv = svt(W, 1.0 / mu, (Q, P) if partial else None)
         Q = svt.start(X.shape[0], X.dtype) if partial else None
-        s_norms, d2, p2, P = _sweep(X, Ys, S, W, L, widths, chunks, lam / mu, Q, buf)
+        s_norms, d2, p2, P = _sweep(X, Ys, S, (Y_next, S_next, W), L, widths, chunks, lam / mu, Q, buf)
+        Ys, Y_next, S, S_next = Y_next, Ys, S_next, S
         dual, primal = mu * math.sqrt(d2) / normX, math.sqrt(p2) / normX
         if primal < tol and dual < tol:
             converged = True
