@@ -116,7 +116,8 @@ def top_factors(left: np.ndarray, s: np.ndarray, right: np.ndarray, rank: int, s
 def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequence[int]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Factors of ``mean_{l in members} B_l A_l`` (scaling already folded into ``B``)."""
-    Bm = np.concatenate([B[l] for l in members], axis=1) / len(members)
+    Bm = np.concatenate([B[l] for l in members], axis=1)
+    Bm *= 1.0 / len(members)
     Am = np.concatenate([A[l] for l in members], axis=0)
     return Bm, Am
 
