@@ -112,7 +112,8 @@ class ClientFactors:
         off = np.concatenate([[0], np.cumsum(widths)]).astype(int)
         stacked = np.empty((B[0].shape[0], int(off[-1])), dtype=dtype)
         for k, (b, s) in enumerate(zip(B, scalings)):
-            np.multiply(b, s, out=stacked[:, off[k] : off[k + 1]], casting="same_kind")
+            # the scale in the stack's dtype: a Python float would make the product float64
+            np.multiply(b, np.asarray(s, dtype=dtype), out=stacked[:, off[k] : off[k + 1]], casting="same_kind")
         views = [stacked[:, off[k] : off[k + 1]] for k in range(len(B))]
         return cls(views, [a.astype(dtype, copy=False) for a in A], stacked)
 
