@@ -82,3 +82,13 @@ def test_all_identical_updates_raise():
     cf = ClientFactors([f.scaling * f.B] * 4, [f.A] * 4)
     with pytest.raises(ValueError):
         reduced_problem(cf, all_pairs(4))
+
+
+def test_scaled_client_factors_are_views_of_one_stack():
+    rng = np.random.default_rng(0)
+    B = [rng.standard_normal((6, r)) for r in (2, 3, 1)]
+    A = [rng.standard_normal((r, 5)) for r in (2, 3, 1)]
+    cf = ClientFactors.scaled(B, A, [0.5, 2.0, 4.0], np.float32)
+    assert cf.stacked_B.dtype == np.float32 and all(np.shares_memory(b, cf.stacked_B) for b in cf.B)
+    np.testing.assert_allclose(cf.B_all(), np.concatenate([0.5 * B[0], 2.0 * B[1], 4.0 * B[2]], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(cf.dense(1), 2.0 * B[1] @ A[1], rtol=1e-5)

@@ -61,3 +61,37 @@ def test_fast_solver_on_dense_problem_matches_reduced():
     np.testing.assert_allclose(a.objective, b.objective, rtol=1e-7)
     np.testing.assert_allclose(a.S_norms, b.S_norms, atol=1e-6)
     np.testing.assert_allclose(a.L_sv[:8], b.L_sv[:8], atol=1e-6)
+
+
+def test_chunked_sweep_and_partial_svt_reach_the_same_optimum(monkeypatch):
+    """Large-stack code paths (partial SVT fed by the sweep, many cache-sized chunks) against the
+    small-stack ones (exact Gram SVT, one chunk) on one problem: the same optimum."""
+    import clair_flower.solvers.fast as fast
+    from clair_flower.decomposition import make_pairs
+
+    inst = make_instance(n_clients=60, p=200, q=96, frac_contaminated=0.2, noise=0.02, seed=6)
+    cf = _cf(inst)
+    rp = reduced_problem(cf, make_pairs(60, "sampled", 4, 0))
+    assert rp.X.shape[0] > fast.DENSE_SVD_MAX  # the partial SVT is the one in use
+    lam = lam_from_c(3.0, len(rp.pairs))
+    monkeypatch.setattr(fast, "CHUNK_BYTES", 20 * rp.X.shape[0] * rp.X.itemsize)  # ~2 blocks a chunk
+    assert len(fast._column_chunks(rp.widths, rp.X.shape[0], rp.X.itemsize)) > 10
+    large = solve(rp, lam, tol=1e-10, max_iter=5000)
+    monkeypatch.setattr(fast, "CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(fast, "DENSE_SVD_MAX", 10_000)
+    small = solve(rp, lam, tol=1e-10, max_iter=5000)
+    assert large.status == small.status == "optimal"
+    np.testing.assert_allclose(large.objective, small.objective, rtol=1e-8)
+    np.testing.assert_allclose(large.S_norms, small.S_norms, atol=1e-6 * small.S_norms.max())
+    assert np.linalg.norm(large.L - small.L) <= 1e-6 * np.linalg.norm(small.L)
+
+
+def test_column_chunks_hold_whole_blocks(monkeypatch):
+    import clair_flower.solvers.fast as fast
+
+    monkeypatch.setattr(fast, "CHUNK_BYTES", 80)
+    widths = np.array([3, 5, 40, 2, 2, 7])
+    chunks = fast._column_chunks(widths, rows=1, itemsize=8)  # about 10 columns a chunk
+    assert [(c0, c1, b0, b1) for c0, c1, b0, b1, _ in chunks] == [(0, 8, 0, 2), (8, 48, 2, 3), (48, 52, 3, 5),
+                                                               (52, 59, 5, 6)]
+    np.testing.assert_array_equal(chunks[2][4], [0, 2])  # block starts within the chunk
