@@ -12,7 +12,8 @@ per part and, as the LAST line, one JSON object with every figure:
    directly (never dense), sampled pairs with 4 pairs per client (``--pair-degree``). Wall time
    covers ``run_clair`` and building every client's refined adapters one client at a time (they
    are :class:`~clair_flower.refinement.DeferredFactors`); peak RSS (``resource.getrusage``)
-   against the bytes of the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes). With ``--modules-run K``
+   against the bytes of the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes); three
+   runs on the same uploads (``--repeats``), their median held against the target. With ``--modules-run K``
    CLAIR runs on K modules only and the full time is extrapolated from the measured marginal
    cost per module; the JSON says which.
 """
@@ -100,8 +101,10 @@ def part_one_module(n: int, shape: tuple[int, int], rank: int, cfg: ClairConfig)
 
 
 def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: ClairConfig,
-            modules_run: int | None) -> dict:
-    """Generate all modules' float32 factors, then run CLAIR on all of them (or the first few).
+            modules_run: int | None, repeats: int = 3) -> dict:
+    """Generate all modules' float32 factors, then run CLAIR on all of them (or the first few),
+    ``repeats`` times on the same uploads: the machine is noisy, so every run's wall time is
+    reported with their median (the figure held against the target) and their maximum.
 
     With ``modules_run`` below ``n_modules``, CLAIR runs once on the first module and once on
     the first ``modules_run`` jointly; the full time is that run plus the measured marginal cost
@@ -138,19 +141,22 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
         split.append({"run_clair": t_clair, "build_refined": time.perf_counter() - t - t_clair})
         return res, time.perf_counter() - t
 
-    wall_first, cpu, split = None, [], []
+    wall_first, cpu, split, fulls = None, [], [], []
     if k < n_modules:
         _, wall_first = timed(names[:1])
-    res, wall = timed(names[:k])
-    full = wall if k == n_modules else wall + (n_modules - k) * (wall - wall_first) / (k - 1)
+    for _ in range(repeats):
+        res = None  # the last run's result is freed before the next run starts
+        res, wall = timed(names[:k])
+        fulls.append(wall if k == n_modules else wall + (n_modules - k) * (wall - wall_first) / (k - 1))
     sel = [res.modules[m].diagnostics["selection"] for m in names[:k]]
     sin = max(float(np.linalg.norm(truth[m] - res.modules[m].U @ (res.modules[m].U.T @ truth[m]), 2))
               for m in names[:k])
     return {
         "n_clients": n, "n_modules": n_modules, "shape": list(shape), "rank": rank, "pairs": cfg.pairs,
-        "generate_seconds": gen, "modules_run": k, "wall_seconds_measured": wall,
-        "wall_seconds_first_module_alone": wall_first, "wall_seconds_full": full,
-        "extrapolated": k < n_modules, "cpu_seconds_runs": cpu, "seconds_split": split[-1],
+        "generate_seconds": gen, "modules_run": k, "wall_seconds_first_module_alone": wall_first,
+        "wall_seconds_full_runs": fulls, "wall_seconds_full": float(np.median(fulls)),
+        "wall_seconds_full_max": max(fulls), "extrapolated": k < n_modules, "cpu_seconds_runs": cpu,
+        "seconds_split_runs": split,
         "pair_degree": cfg.pair_degree, "load_average": os.getloadavg(),
         "factor_bytes": int(factor_bytes), "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_before_clair": rss_before, "rss_over_factor_bytes": peak_rss_bytes() / factor_bytes,
@@ -165,6 +171,7 @@ def main() -> None:
     ap.add_argument("--modules-run", type=int, default=None,
                     help="7B part: run CLAIR on this many of the 64 modules and extrapolate the rest")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="7B part: CLAIR runs on the same uploads (median reported)")
     ap.add_argument("--pair-degree", type=int, default=4,
                     help="7B part: pairs per client of the sampled pair set (default 4: two random "
                          "Hamiltonian cycles; the library default 2 ceil(log2 N) is 14 at N=100)")
@@ -180,7 +187,8 @@ def main() -> None:
     out["one_module"] = one
     if not args.skip_7b:
         cfg7 = ClairConfig(pairs="sampled", pair_degree=args.pair_degree)
-        big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg7, args.modules_run)
+        big = part_7b(20 if args.quick else 100, 4 if args.quick else 64, shape, 16, cfg7, args.modules_run,
+                      args.repeats)
         print("7B-shaped:", json.dumps(big))
         out["seven_b"] = big
     out["load_average_end"] = os.getloadavg()
@@ -188,6 +196,7 @@ def main() -> None:
         "speedup_ge_100": ref["speedup"] >= 100 and ref["rel_diff_L"] < 1e-3 and ref["flags_equal"],
         "one_module_lt_1s": one["wall_seconds"] < 1.0,
         "seven_b_lt_60s": out.get("seven_b", {}).get("wall_seconds_full", float("inf")) < 60,
+        "seven_b_lt_60s_every_run": out.get("seven_b", {}).get("wall_seconds_full_max", float("inf")) < 60,
         "seven_b_rss_lt_2x": out.get("seven_b", {}).get("rss_over_factor_bytes", float("inf")) < 2,
     }
     print(json.dumps(out))
