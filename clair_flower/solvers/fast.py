@@ -6,8 +6,9 @@ depends on the client ranks and the pair count only, so the iterations below nev
 what makes them agree with the cvxpy reference rather than merely approximate it.
 
 * Constrained form: inexact augmented Lagrangian (ADMM on ``L + S = X``; Lin, Chen, Ma 2010)
-  with the penalty ``mu`` growing geometrically up to a cap and then fixed, i.e. plain ADMM,
-  which converges for a fixed penalty; stopped on primal and dual residuals.
+  with the penalty ``mu`` set by residual balancing; stopped on primal and dual residuals.
+  Everything after the SVT runs as one sweep over cache-sized column chunks of the stack
+  (:func:`_sweep`), since the iteration is bound by memory traffic, not arithmetic.
 * Penalized form: FISTA on ``(L, S)`` jointly (the smooth part has Lipschitz constant 2) with
   function-value restart; stopped on the relative change of the iterates.
 
