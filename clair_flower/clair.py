@@ -270,12 +270,15 @@ def _assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c
 
 
 def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None,
-                workers: int = 1) -> tuple[SolveResult, dict]:
+                workers: int = 1, defer_admissible: bool = False) -> tuple[SolveResult | None, dict]:
     """Solve along the lambda path and pick the admissible point (module docstring).
 
     With ``c_shared`` (the ``c`` another module chose), that point is solved first and kept if
     admissible, which spares the path on every module but one. The path's points are solved in
-    batches of :data:`PATH_BATCH` on up to ``workers`` threads.
+    batches of :data:`PATH_BATCH` on up to ``workers`` threads. With ``defer_admissible``, an
+    admissible pick is returned as ``(None, info)`` instead of being polished: the caller solves
+    at its ``c`` to full accuracy (a cold solve takes no more iterations than the polish, and it
+    can run beside the other modules).
     """
     pairs = problem.pairs
     cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
@@ -324,6 +327,9 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float
         how = "fallback" if len(cs) > 1 else "fixed"
     if len(cs) == 1 and adm:
         how = "fixed"
+    if defer_admissible and how == "admissible":
+        return None, {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how, "path": path,
+                      "iterations_total": spent + int(sum(p["iterations"] for p in path))}
     if path_tol > cfg.tol:  # polish the chosen point to full accuracy (warm start)
         res = solve(problem, path[pick]["lam"], cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
                     max_iter=cfg.max_iter, warm=results[pick])
@@ -362,21 +368,34 @@ def _drop_dominated(path: list[dict], results: list) -> None:
             results[i] = None
 
 
-def _module(cf: ClientFactors, pairs, cfg: ClairConfig, n: int, c_shared: float | None = None,
-            workers: int = 1) -> tuple[dict, np.ndarray]:
-    """Decompose one module (its path on ``workers`` threads); returns its report pieces and
-    the pair evidence."""
+def _problem(cf: ClientFactors, pairs, cfg: ClairConfig) -> tuple[BlockProblem, float]:
+    """Step 1 for one module: the stacked differences (reduced for the fast solver), and seconds."""
     t0 = time.perf_counter()
     problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
-    t_red = time.perf_counter() - t0
-    res, info = _solve_path(problem, cfg, n, c_shared, workers)
+    return problem, time.perf_counter() - t0
+
+
+def _module(problem: BlockProblem, t_red: float, cfg: ClairConfig, n: int, c_shared: float | None = None,
+            path: dict | None = None, solved: tuple[SolveResult, dict] | None = None) -> tuple[dict, np.ndarray]:
+    """Step 2 for one module; returns its report pieces and the pair evidence.
+
+    ``path`` is this module's own path whose pick is ``c_shared`` (the first module's, solved
+    at that ``c`` beside the others): it stays the reported selection. ``solved`` is a
+    ``_solve_path`` result already at hand.
+    """
+    t0 = time.perf_counter()
+    res, info = solved if solved is not None else _solve_path(problem, cfg, n, c_shared)
+    if path is not None and info["selection"] == "shared":
+        info = {**path, "iterations_total": path["iterations_total"] + info["iterations_total"]}
+    info = dict(info)
+    path_seconds = info.pop("seconds", 0.0)  # the first module's path, run before
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
     k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
     L_left = res.L_left[:, :k]
     L_right = res.L_right[:k].astype(np.float64)  # L = L_left @ L_right
     diag = {"solver": res.solver, "form": cfg.form, "status": res.status, "iterations": res.iterations,
-            "objective": res.objective, "seconds": time.perf_counter() - t0, "reduce_seconds": t_red,
-            "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}
+            "objective": res.objective, "seconds": t_red + path_seconds + time.perf_counter() - t0,
+            "reduce_seconds": t_red, "singular_values": [float(s) for s in res.L_sv[:10]], **info, **problem.info}
     inform = detection.informative_pairs(problem.block_norms)
     lifted = problem.lift_left(L_left)
     return {"offsets": problem.offsets, "lifted": np.asarray(lifted, dtype=np.float64), "L_left": L_left,
@@ -404,19 +423,40 @@ def _map_modules(fn, modules: list[str], workers: int | None) -> list:
 
 
 def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: ClairConfig, n: int) -> dict:
-    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``)."""
-    def one(m: str, c_shared: float | None = None, workers: int = 1) -> dict:
+    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``).
+
+    The first module runs its path alone, on every worker; with an admissible pick it is then
+    solved at that ``c`` like every other module, on the same pool.
+    """
+    def checked(fn, m: str):
         try:
-            out, ev = _module(_client_factors(fac, m, active), pairs, cfg, n, c_shared, workers)
+            return fn()
         except ValueError as e:  # e.g. every active client uploaded the same update
             raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
-        out["evidence"] = ev
-        return out
 
-    first = one(modules[0], workers=cfg.workers or os.cpu_count() or 1)  # alone: its path uses every worker
-    diag = first["diagnostics"]
-    c_shared = diag["c"] if cfg.share_lam and cfg.lam == "auto" and diag["selection"] == "admissible" else None
-    rest = _map_modules(lambda m: one(m, c_shared), modules[1:], cfg.workers)
+    def one(m: str, c_shared: float | None = None, pre: tuple | None = None, path: dict | None = None,
+            solved: tuple | None = None) -> dict:
+        def run() -> dict:
+            problem, t_red = pre if pre is not None else _problem(_client_factors(fac, m, active), pairs, cfg)
+            out, ev = _module(problem, t_red, cfg, n, c_shared, path, solved)
+            out["evidence"] = ev
+            return out
+        return checked(run, m)
+
+    workers = cfg.workers or os.cpu_count() or 1
+    m0 = modules[0]
+    share = cfg.share_lam and cfg.lam == "auto"
+    pre0 = checked(lambda: _problem(_client_factors(fac, m0, active), pairs, cfg), m0)
+    t0 = time.perf_counter()
+    res0, path0 = checked(lambda: _solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0)
+    path0["seconds"] = time.perf_counter() - t0
+    if res0 is None:  # an admissible c: every module, the first included, is solved at it
+        c = path0["c"]
+        outs = _map_modules(lambda m: one(m, c, pre=pre0 if m == m0 else None, path=path0 if m == m0 else None),
+                            modules, cfg.workers)
+        return dict(zip(modules, outs))
+    first = one(m0, pre=pre0, solved=(res0, path0))  # no admissible pick (or no sharing): the rest run their own
+    rest = _map_modules(lambda m: one(m), modules[1:], cfg.workers)
     return dict(zip(modules, [first, *rest]))
 
 

@@ -258,7 +258,7 @@ def _sweep(X: np.ndarray, Ys: np.ndarray, S: np.ndarray, out: tuple[np.ndarray, 
             if not np.shares_memory(res, t):  # the wrapper copied after all
                 t[...] = res
         nrm = np.sqrt(np.add.reduceat(np.einsum("ij,ij->j", t, t), starts).astype(np.float64))
-        f = np.where(nrm > thr, 1.0 - thr / np.maximum(nrm, 1e-300), 0.0)
+        f = np.maximum(1.0 - thr / np.maximum(nrm, 1e-300), 0.0)  # 0 where nrm <= thr
         norms[b0:b1] = nrm * f
         fr = np.repeat(f.astype(X.dtype), widths[b0:b1])
         np.multiply(t, fr, out=Sn)

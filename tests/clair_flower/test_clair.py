@@ -233,3 +233,21 @@ def test_inconclusive_vote_keeps_a_persistent_score_outlier():
     assert not _persistent_outliers(["b"], z[1:2], prior, ClairConfig(z_memory=1)).any()  # no memory
     with pytest.raises(ValueError, match="z_memory"):
         ClairConfig(z_memory=0).validate()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_module_path_shared_by_the_others(workers):
+    """The first module's path picks ``c``; every module is then solved at it to full accuracy,
+    and the reports say which module chose it. Results do not depend on the thread count."""
+    inst = make_instance(n_clients=12, p=24, q=20, frac_contaminated=0.25, noise=0.01, seed=3,
+                         modules=("a", "b", "c"))
+    res = run_clair(inst.updates, ClairConfig(workers=workers))
+    first, *rest = (res.modules[m].diagnostics for m in ("a", "b", "c"))
+    assert first["selection"] == "admissible" and len(first["path"]) > 1
+    assert first["status"] == "optimal" and first["iterations_total"] > first["iterations"] > 0
+    assert all(d["selection"] == "shared" and d["c"] == first["c"] and d["status"] == "optimal" for d in rest)
+    assert res.flagged == inst.contaminated
+    ref = run_clair(inst.updates, ClairConfig(workers=1))
+    for m in ("a", "b", "c"):
+        np.testing.assert_allclose(res.modules[m].U @ res.modules[m].U.T, ref.modules[m].U @ ref.modules[m].U.T,
+                                   atol=1e-9)
