@@ -122,10 +122,12 @@ def mean_factors(B: Sequence[np.ndarray], A: Sequence[np.ndarray], members: Sequ
     return Bm, Am
 
 
-RANGE_MIN_COLUMNS = 512
+RANGE_MIN_COLUMNS = 256
 """Collaborative factor columns (sum of ranks) above which, given the clients' inner products,
 the mean's dominant range is found by subspace iteration instead of two Gram
-eigendecompositions of that size (1.5 s to 0.1 s per module at N = 100, rank 16)."""
+eigendecompositions of that size: 0.15 s to 0.05 s per module at N = 50, rank 8 (360 columns),
+for a mean truncation error 0.3% higher (1.4638e-2 to 1.4680e-2); 1.5 s to 0.1 s at N = 100,
+rank 16."""
 RANGE_OVERSAMPLE = 10
 RANGE_PASSES = 1
 
