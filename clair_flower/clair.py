@@ -13,7 +13,7 @@ Lambda selection (``lam="auto"``): on the normalised stack, ``lam = c / sqrt(|P|
 the geometric grid of :func:`~clair_flower.decomposition.lam_grid` (solved from large to small
 ``c``, warm-started, stopping at the first majority-flagged point once an admissible point was
 seen, since smaller ``c`` only moves more blocks into ``S``; path points are solved to ``PATH_TOL``
-and the chosen one is polished to ``tol``). A grid point is *admissible* when its flagged-pair pattern is explained by
+and the chosen one to ``tol``). A grid point is *admissible* when its flagged-pair pattern is explained by
 a client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.detection.consistency`) and the flagged clients are a strict minority. Among
 admissible points the one with the lowest effective rank of ``L`` (singular values above
@@ -62,8 +62,9 @@ ClientId = Hashable
 
 
 PATH_TOL = 1e-4
-"""Tolerance of the lambda-path solves; flags and effective ranks are stable far above it, and
-the chosen point is then polished to ``ClairConfig.tol``."""
+"""Tolerance of the lambda-path solves; flags and effective ranks are stable far above it. The
+chosen point is then solved to ``ClairConfig.tol``: afresh when its ``c`` is shared with the
+other modules (beside them), else polished from the path point."""
 
 PATH_BATCH = 2
 """Path points solved side by side, each warm-started from the last point of the batch before
