@@ -403,24 +403,19 @@ def _module(problem: BlockProblem, t_red: float, cfg: ClairConfig, n: int, c_sha
             "L_right": L_right, "diagnostics": diag, "informative": inform, "inner": problem.inner}, ev
 
 
-def _map_lazy(fn, items: Sequence, workers: int) -> Iterator:
-    """``fn`` over ``items`` in order; sequential (and lazy) on one worker, else on threads."""
-    if workers <= 1 or len(items) <= 1:
+def _map_lazy(fn, items: Sequence, workers: int | None) -> Iterator:
+    """``fn`` over ``items`` in order on up to ``workers`` threads (``None``: one per core; BLAS
+    and LAPACK release the GIL); on one worker sequential and lazy, so a caller may stop early."""
+    workers = min(len(items), workers or os.cpu_count() or 1)
+    if workers <= 1:
         return map(fn, items)
-    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
-    try:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return iter(list(pool.map(fn, items)))
-    finally:
-        pool.shutdown(wait=True)
 
 
 def _map_modules(fn, modules: list[str], workers: int | None) -> list:
-    """``[fn(m) for m in modules]`` on a thread pool (BLAS and LAPACK release the GIL)."""
-    workers = min(len(modules), workers or os.cpu_count() or 1)
-    if workers <= 1:
-        return [fn(m) for m in modules]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, modules))
+    """``[fn(m) for m in modules]`` on a thread pool."""
+    return list(_map_lazy(fn, modules, workers))
 
 
 def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: ClairConfig, n: int) -> dict:
