@@ -35,7 +35,8 @@ class SolveResult:
     seconds: float
     solver: str
     state: dict | None = None
-    """Solver state for warm starts (ADMM: dual ``Y`` and penalty ``mu``)."""
+    """Solver state for warm starts (ADMM: the iterate ``T`` with its per-block dual and ``S``
+    coefficients ``a`` and ``s``, and the penalty ``mu``)."""
 
     @property
     def L(self) -> np.ndarray:

@@ -95,3 +95,31 @@ def test_column_chunks_hold_whole_blocks(monkeypatch):
     assert [(c0, c1, b0, b1) for c0, c1, b0, b1, _ in chunks] == [(0, 8, 0, 2), (8, 48, 2, 3), (48, 52, 3, 5),
                                                                (52, 59, 5, 6)]
     np.testing.assert_array_equal(chunks[2][4], [0, 2])  # block starts within the chunk
+
+
+def test_warm_start_from_the_iterate_reaches_the_cold_optimum():
+    """A warm start hands over ``T`` and its per-block dual and ``S`` coefficients; from another
+    ``lam``'s result it must reach the same optimum as a cold start (and the state is copied,
+    not shared: the earlier result stays intact)."""
+    inst = make_instance(n_clients=12, p=40, q=30, frac_contaminated=0.25, noise=0.02, seed=2)
+    rp = reduced_problem(_cf(inst), all_pairs(12))
+    first = solve(rp, lam_from_c(4.0, len(rp.pairs)), tol=1e-10, max_iter=5000)
+    T0 = first.state["T"].copy()
+    lam = lam_from_c(3.0, len(rp.pairs))
+    warm = solve(rp, lam, tol=1e-10, max_iter=5000, warm=first)
+    cold = solve(rp, lam, tol=1e-10, max_iter=5000)
+    np.testing.assert_array_equal(first.state["T"], T0)
+    np.testing.assert_allclose(warm.objective, cold.objective, rtol=1e-8)
+    np.testing.assert_allclose(warm.S_norms, cold.S_norms, atol=1e-6 * cold.S_norms.max())
+    assert np.linalg.norm(warm.L - cold.L) <= 1e-6 * np.linalg.norm(cold.L)
+
+
+def test_blas_threads_sets_and_restores_torch_threads():
+    import torch
+
+    from clair_flower.solvers.fast import blas_threads
+
+    before = torch.get_num_threads()
+    with blas_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
