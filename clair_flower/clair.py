@@ -63,8 +63,8 @@ ClientId = Hashable
 
 PATH_TOL = 1e-4
 """Tolerance of the lambda-path solves; flags and effective ranks are stable far above it. The
-chosen point is then solved to ``ClairConfig.tol``: afresh when its ``c`` is shared with the
-other modules (beside them), else polished from the path point."""
+chosen point is then polished to ``ClairConfig.tol`` from the path point (warm: a few
+iterations), beside the other modules when its ``c`` is shared with them."""
 
 PATH_BATCH = 2
 """Path points solved side by side, each warm-started from the last point of the batch before
@@ -271,15 +271,16 @@ def _assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c
 
 
 def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None,
-                workers: int = 1, defer_admissible: bool = False) -> tuple[SolveResult | None, dict]:
+                workers: int = 1, defer_admissible: bool = False, warm: SolveResult | None = None
+                ) -> tuple[SolveResult, dict]:
     """Solve along the lambda path and pick the admissible point (module docstring).
 
     With ``c_shared`` (the ``c`` another module chose), that point is solved first and kept if
-    admissible, which spares the path on every module but one. The path's points are solved in
-    batches of :data:`PATH_BATCH` on up to ``workers`` threads. With ``defer_admissible``, an
-    admissible pick is returned as ``(None, info)`` instead of being polished: the caller solves
-    at its ``c`` to full accuracy (a cold solve takes no more iterations than the polish, and it
-    can run beside the other modules).
+    admissible (warm-started from ``warm`` if given), which spares the path on every module but
+    one. The path's points are solved in batches of :data:`PATH_BATCH` on up to ``workers``
+    threads. With ``defer_admissible``, an admissible pick is returned at the path's tolerance,
+    with ``info["deferred"]``: the caller polishes it to full accuracy (``c_shared`` and
+    ``warm``) beside the other modules.
     """
     pairs = problem.pairs
     cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
@@ -290,7 +291,7 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float
     spent = 0
     if c_shared is not None and cfg.lam == "auto":
         lam = lam_from_c(c_shared, len(pairs))
-        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol, max_iter=cfg.max_iter)
+        res = solve(problem, lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol, max_iter=cfg.max_iter, warm=warm)
         point = _assess(res, problem, cfg, n, c_shared, lam, informative)
         if point["admissible"]:
             return res, {"c": c_shared, "lam": lam, "mu": mu, "selection": "shared", "path": [point],
@@ -329,8 +330,9 @@ def _solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float
     if len(cs) == 1 and adm:
         how = "fixed"
     if defer_admissible and how == "admissible":
-        return None, {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how, "path": path,
-                      "iterations_total": spent + int(sum(p["iterations"] for p in path))}
+        return results[pick], {"c": path[pick]["c"], "lam": path[pick]["lam"], "mu": mu, "selection": how,
+                               "path": path, "iterations_total": spent + int(sum(p["iterations"] for p in path)),
+                               "deferred": True}
     if path_tol > cfg.tol:  # polish the chosen point to full accuracy (warm start)
         res = solve(problem, path[pick]["lam"], cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
                     max_iter=cfg.max_iter, warm=results[pick])
@@ -377,15 +379,16 @@ def _problem(cf: ClientFactors, pairs, cfg: ClairConfig) -> tuple[BlockProblem, 
 
 
 def _module(problem: BlockProblem, t_red: float, cfg: ClairConfig, n: int, c_shared: float | None = None,
-            path: dict | None = None, solved: tuple[SolveResult, dict] | None = None) -> tuple[dict, np.ndarray]:
+            path: dict | None = None, solved: tuple[SolveResult, dict] | None = None,
+            warm: SolveResult | None = None) -> tuple[dict, np.ndarray]:
     """Step 2 for one module; returns its report pieces and the pair evidence.
 
     ``path`` is this module's own path whose pick is ``c_shared`` (the first module's, solved
-    at that ``c`` beside the others): it stays the reported selection. ``solved`` is a
-    ``_solve_path`` result already at hand.
+    at that ``c`` beside the others, from its path point ``warm``): it stays the reported
+    selection. ``solved`` is a ``_solve_path`` result already at hand.
     """
     t0 = time.perf_counter()
-    res, info = solved if solved is not None else _solve_path(problem, cfg, n, c_shared)
+    res, info = solved if solved is not None else _solve_path(problem, cfg, n, c_shared, warm=warm)
     if path is not None and info["selection"] == "shared":
         info = {**path, "iterations_total": path["iterations_total"] + info["iterations_total"]}
     info = dict(info)
@@ -422,7 +425,8 @@ def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: 
     """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``).
 
     The first module runs its path alone, on every worker; with an admissible pick it is then
-    solved at that ``c`` like every other module, on the same pool.
+    polished at that ``c`` (from its path point) while every other module is solved at it, on
+    the same pool.
     """
     def checked(fn, m: str):
         try:
@@ -431,10 +435,10 @@ def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: 
             raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
 
     def one(m: str, c_shared: float | None = None, pre: tuple | None = None, path: dict | None = None,
-            solved: tuple | None = None) -> dict:
+            solved: tuple | None = None, warm: SolveResult | None = None) -> dict:
         def run() -> dict:
             problem, t_red = pre if pre is not None else _problem(_client_factors(fac, m, active), pairs, cfg)
-            out, ev = _module(problem, t_red, cfg, n, c_shared, path, solved)
+            out, ev = _module(problem, t_red, cfg, n, c_shared, path, solved, warm)
             out["evidence"] = ev
             return out
         return checked(run, m)
@@ -446,9 +450,9 @@ def _decompose_modules(fac: dict, modules: list[str], active: list, pairs, cfg: 
     t0 = time.perf_counter()
     res0, path0 = checked(lambda: _solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0)
     path0["seconds"] = time.perf_counter() - t0
-    if res0 is None:  # an admissible c: every module, the first included, is solved at it
+    if path0.pop("deferred", False):  # an admissible c: every module, the first included, is solved at it
         c = path0["c"]
-        outs = _map_modules(lambda m: one(m, c, pre=pre0 if m == m0 else None, path=path0 if m == m0 else None),
+        outs = _map_modules(lambda m: one(m, c, pre0, path0, warm=res0) if m == m0 else one(m, c),
                             modules, cfg.workers)
         return dict(zip(modules, outs))
     first = one(m0, pre=pre0, solved=(res0, path0))  # no admissible pick (or no sharing): the rest run their own

@@ -71,13 +71,17 @@ _BLAS = _openblas()
 
 @contextmanager
 def blas_threads(n: int):
-    """Temporarily limit the BLAS of numpy and scipy, and torch's intra-op pool, to ``n``
-    threads (the BLAS part is a no-op for unknown builds)."""
+    """Temporarily limit the BLAS of numpy and scipy to ``n`` threads (a no-op for unknown
+    builds), and torch's intra-op pool to one.
+
+    The solver's torch kernels run on cache-sized chunks, too small to share; and torch's pool
+    spinning beside a multi-threaded BLAS on the same cores was measured 4-8x slower.
+    """
     old = [int(getter()) for _, getter in _BLAS]
     old_torch = torch.get_num_threads()
     for setter, _ in _BLAS:
         setter(int(n))
-    torch.set_num_threads(int(n))
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -126,6 +130,27 @@ def _svt_gram(Y: np.ndarray, tau: float) -> tuple[LowRank, np.ndarray, np.ndarra
     return L, s[:k] - tau, (V[:, :k] if wide else None)
 
 
+def orthonormal_basis(P: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of a tall ``P`` (full column rank), in ``P``'s dtype.
+
+    Cholesky QR, twice, on the float64 Gram: small GEMMs instead of Householder QR, which cost
+    15% of an ADMM iteration on the ``columns x k`` blocks of the partial SVT (numpy's QR is
+    1.7x slower on them; scipy's holds the GIL that concurrent solves share). The second pass
+    restores orthogonality to float64 precision for condition numbers up to ~1e7; a Gram that
+    is not positive definite (rank-deficient ``P``) falls back to Householder.
+    """
+    V = P.astype(np.float64)
+    try:
+        for _ in range(2):
+            R = np.linalg.cholesky(V.T @ V).T  # upper triangular, V = Q R
+            V = V @ scipy.linalg.solve_triangular(R, np.eye(R.shape[0]), check_finite=False)
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(P)[0]
+    if not np.isfinite(V).all():
+        return np.linalg.qr(P)[0]
+    return V.astype(P.dtype, copy=False)
+
+
 class _SVT:
     """Singular value thresholding with a remembered subspace for the partial path.
 
@@ -165,7 +190,7 @@ class _SVT:
         if self.basis is not None:
             m = min(self.basis.shape[1], k)
             start[:, :m] = self.basis[:, :m]
-        return np.linalg.qr(start)[0]
+        return orthonormal_basis(start)
 
     def _partial(self, Y: np.ndarray, tau: float, proj: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> tuple[LowRank, np.ndarray]:
@@ -180,7 +205,7 @@ class _SVT:
                 P = Y.T @ Q
             # one power half-step to the right space, then Rayleigh-Ritz there: two passes over
             # Y (Y^T Q, then Y V) instead of three; the warm left basis carries the iteration on
-            Vq = np.linalg.qr(P)[0]
+            Vq = orthonormal_basis(P)
             YV = (Vq.T @ Y.T).T if Y.flags.f_contiguous else Y @ Vq  # the faster GEMM layout
             u, s, wt = np.linalg.svd(YV.astype(np.float64), full_matrices=False)
             if s[-1] <= tau or Q.shape[1] >= n:
@@ -224,31 +249,32 @@ def _column_chunks(widths: np.ndarray, rows: int, itemsize: int) -> list[tuple]:
 
 def _column_views(arr: np.ndarray, chunks: list) -> list[torch.Tensor]:
     """Per chunk, ``arr[:, c0:c1]`` as a transposed torch view (C-contiguous ``w x rows``)
-    sharing ``arr``'s memory (``arr`` column-major)."""
+    sharing ``arr``'s memory (``arr`` column-major); made once per solve."""
     return [torch.from_numpy(arr[:, c0:c1].T) for c0, c1, *_ in chunks]
 
 
 def _per_column(coef: np.ndarray, widths: np.ndarray, dtype) -> torch.Tensor:
-    """Per-block coefficients repeated over each block's columns, as a torch column vector."""
-    return torch.from_numpy(np.repeat(coef, widths).astype(dtype))[:, None]
+    """Per-block coefficients (rows of ``coef``) repeated over each block's columns: one torch
+    column vector per row of ``coef``, as the columns of one ``(columns, rows)`` tensor."""
+    return torch.from_numpy(np.repeat(np.atleast_2d(coef).T.astype(dtype), widths, axis=0))
 
 
-def _form_W(X: np.ndarray, T: np.ndarray, d: np.ndarray, widths: np.ndarray, W: np.ndarray, chunks: list,
+def _form_W(X: np.ndarray, views: dict, d: np.ndarray, widths: np.ndarray, chunks: list,
             Q: np.ndarray | None) -> np.ndarray | None:
     """``W = X + Ys - S = X + d T`` (``d = a - s`` per block) and, with a start basis ``Q``,
     ``W^T Q`` (at the start and after a penalty change)."""
     P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
     dc = _per_column(d, widths, X.dtype)
-    for (c0, c1, *_), Xc, Tc, Wc in zip(chunks, *(_column_views(A, chunks) for A in (X, T, W))):
+    for (c0, c1, *_), Xc, Tc, Wc in zip(chunks, views["X"], views["T"], views["W"]):
         torch.addcmul(Xc, Tc, dc[c0:c1], out=Wc)
         if P is not None:
-            P[c0:c1] = W[:, c0:c1].T @ Q
+            P[c0:c1] = Wc.numpy() @ Q
     return P
 
 
-def _sweep(X: np.ndarray, T: np.ndarray, T_next: np.ndarray, coef: tuple[np.ndarray, np.ndarray],
-           W: np.ndarray, L: LowRank, widths: np.ndarray, chunks: list, thr: float, Q: np.ndarray | None,
-           buf: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray | None]:
+def _sweep(X: np.ndarray, views: dict, coef: tuple[np.ndarray, np.ndarray], L: LowRank, widths: np.ndarray,
+           chunks: list, thr: float, Q: np.ndarray | None, buf: torch.Tensor
+           ) -> tuple[np.ndarray, float, float, np.ndarray | None]:
     """One ADMM pass after the SVT, chunk by chunk.
 
     The iterates are kept as ``Ys_b = a_b T_b`` and ``S_b = s_b T_b`` per block ``b``
@@ -256,42 +282,43 @@ def _sweep(X: np.ndarray, T: np.ndarray, T_next: np.ndarray, coef: tuple[np.ndar
     and dual are ``f T+`` and ``(1 - f) T+`` with one shrink factor ``f`` per block, and one
     array stands for both. Per chunk: ``T+`` into ``T_next``; ``f`` from its block norms; both
     residuals; ``(a, s)`` overwritten by ``(1 - f, f)``; the next SVT input
-    ``W = X + (1 - 2f) T+`` and, given ``Q``, ``W^T Q``. Returns the block norms of the new
-    ``S``, ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
+    ``W = X + (1 - 2f) T+`` and, given ``Q``, ``W^T Q``. ``views`` holds the chunk views of
+    ``X``, ``T``, ``T_next`` and ``W``. Returns the block norms of the new ``S``,
+    ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
 
     Each chunk is read once and written once (read ``X`` and ``T``, write ``T+`` and ``W``),
     and its elementwise steps run as torch kernels on views of the same memory: torch
     vectorises the per-column scalings and fuses them with the adds (``addcmul``), about twice
     numpy's speed here, and the iteration's elementwise part costs as much as its GEMMs.
     """
-    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (X,))
     P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
     a, s = coef
-    ac, sc = _per_column(a, widths, X.dtype), _per_column(s, widths, X.dtype)
+    old = _per_column(np.stack([a, s]), widths, X.dtype)  # columns: a, s
     norms = np.empty(len(widths))
     d2 = p2 = 0.0
-    left = np.asfortranarray(L.left, dtype=X.dtype)
-    views = zip(*(_column_views(A, chunks) for A in (X, T, T_next, W)))
-    for (c0, c1, b0, b1, starts), (Xc, Tc, tc, Wc) in zip(chunks, views):
-        t = T_next[:, c0:c1]
-        torch.addcmul(Xc, Tc, ac[c0:c1], out=tc)  # X + Ys
-        if left.shape[1]:
-            res = gemm(-1.0, left, L.right[:, c0:c1], 1.0, t, overwrite_c=1)
-            if not np.shares_memory(res, t):  # the wrapper copied after all
-                t[...] = res
+    # T+ -= L chunk by chunk on the transposed views: right^T left^T (torch's GEMM releases
+    # the GIL, scipy's f2py one does not: it serialised two concurrent solves)
+    left_t = torch.from_numpy(np.ascontiguousarray(L.left.T, dtype=X.dtype))
+    right_t = torch.from_numpy(np.ascontiguousarray(L.right.T, dtype=X.dtype))
+    for (c0, c1, b0, b1, starts), Xc, Tc, Wc in zip(chunks, views["X"], views["T"], views["W"]):
+        ac, sc = old[c0:c1, 0:1], old[c0:c1, 1:2]
+        tc, u = buf[0, : c1 - c0], buf[1, : c1 - c0]
+        torch.addcmul(Xc, Tc, ac, out=tc)  # X + Ys
+        if left_t.shape[0]:
+            tc.addmm_(right_t[c0:c1], left_t, alpha=-1.0)
         col = torch.linalg.vector_norm(tc, dim=1).numpy().astype(np.float64)
         nrm = np.sqrt(np.add.reduceat(col * col, starts))
         f = np.maximum(1.0 - thr / np.maximum(nrm, 1e-300), 0.0)  # 0 where nrm <= thr
         norms[b0:b1] = nrm * f
-        fr = _per_column(f, widths[b0:b1], X.dtype)
-        u = buf[: c1 - c0]
-        torch.mul(tc, 1.0 - fr, out=u).addcmul_(Tc, ac[c0:c1], value=-1.0)  # Ys+ - Ys
+        new = _per_column(np.stack([f, 1.0 - f, 1.0 - 2.0 * f]), widths[b0:b1], X.dtype)
+        torch.mul(tc, new[:, 1:2], out=u).addcmul_(Tc, ac, value=-1.0)  # Ys+ - Ys
         p2 += float(torch.dot(u.view(-1), u.view(-1)))
-        torch.mul(tc, fr, out=u).addcmul_(Tc, sc[c0:c1], value=-1.0)  # S+ - S
+        torch.mul(tc, new[:, 0:1], out=u).addcmul_(Tc, sc, value=-1.0)  # S+ - S
         d2 += float(torch.dot(u.view(-1), u.view(-1)))
-        torch.addcmul(Xc, tc, 1.0 - 2.0 * fr, out=Wc)
+        Tc.copy_(tc)
+        torch.addcmul(Xc, tc, new[:, 2:3], out=Wc)
         if P is not None:
-            P[c0:c1] = W[:, c0:c1].T @ Q
+            P[c0:c1] = Wc.numpy() @ Q
         a[b0:b1], s[b0:b1] = 1.0 - f, f
     return norms, d2, p2, P
 
@@ -318,28 +345,32 @@ def admm_constrained(
         mu = float(warm.state["mu"])
         T = np.array(warm.state["T"], dtype=X.dtype, order="F")
         a, s = warm.state["a"].copy(), warm.state["s"].copy()
+        basis = warm.state.get("basis")  # the partial SVT's last subspace
     else:  # Ys = X / (mu max(...)), S = 0
         norm2 = spectral_norm(X)
         mu = 1.25 / norm2
         T = X.copy(order="F")
         a = np.full(len(widths), 1.0 / (mu * max(norm2, float(block_norms(X, widths).max()) / lam)))
         s = np.zeros(len(widths))
+        basis = None
     svt = _SVT() if svt is None else svt
+    if basis is not None and svt.basis is None:
+        svt.basis, svt.rank = basis, max(basis.shape[1], 1)
     chunks = _column_chunks(widths, X.shape[0], X.itemsize)
     wmax = max(c1 - c0 for c0, c1, *_ in chunks)
-    buf = torch.empty((wmax, X.shape[0]), dtype=torch.from_numpy(X[:1, :1]).dtype)
-    W, T_next = np.empty_like(T, order="F"), np.empty_like(T, order="F")
+    buf = torch.empty((2, wmax, X.shape[0]), dtype=torch.from_numpy(X[:1, :1]).dtype)
+    W = np.empty_like(T, order="F")
+    views = {k: _column_views(A, chunks) for k, A in (("X", X), ("T", T), ("W", W))}
     partial = svt.uses_start(X.shape)
     Q = svt.start(X.shape[0], X.dtype) if partial else None
-    P = _form_W(X, T, a - s, widths, W, chunks, Q)
+    P = _form_W(X, views, a - s, widths, chunks, Q)
     sv, s_norms = np.zeros(0), block_norms(T, widths) * s
     L = LowRank(np.zeros((X.shape[0], 0), X.dtype), np.zeros((0, X.shape[1]), X.dtype))
     converged, it = False, 0
     for it in range(1, max_iter + 1):
         L, sv = svt(W, 1.0 / mu, (Q, P) if partial else None)
         Q = svt.start(X.shape[0], X.dtype) if partial else None
-        s_norms, d2, p2, P = _sweep(X, T, T_next, (a, s), W, L, widths, chunks, lam / mu, Q, buf)
-        T, T_next = T_next, T
+        s_norms, d2, p2, P = _sweep(X, views, (a, s), L, widths, chunks, lam / mu, Q, buf)
         dual, primal = mu * math.sqrt(d2) / normX, math.sqrt(p2) / normX
         if primal < tol and dual < tol:
             converged = True
@@ -348,10 +379,10 @@ def admm_constrained(
             scale = 0.5 if primal > 5.0 * dual else 2.0
             mu /= scale
             a *= scale
-            P = _form_W(X, T, a - s, widths, W, chunks, Q)
-    del W, T_next
+            P = _form_W(X, views, a - s, widths, chunks, Q)
+    del W, views
     S = T * np.repeat(s.astype(X.dtype), widths)[None, :]
-    state.update(T=T, a=a, s=s, mu=mu)
+    state.update(T=T, a=a, s=s, mu=mu, basis=svt.basis)
     return L, S, sv, s_norms, it, converged
 
 
