@@ -113,9 +113,9 @@ class ClairConfig:
     calls 10x slower on a shared 2-core machine; ``None`` keeps the library's setting."""
     workers: int | None = None
     """Modules decomposed concurrently (threads; numpy and LAPACK release the GIL). ``None``:
-    one per CPU core. Results do not depend on it. The stacks are memory-bound, so the gain is
-    small on 2 cores (5 modules of 2048^2, N=50: 1.95-1.99 s wall with 2 threads vs 2.03-2.15 s
-    with 1)."""
+    one per CPU core. Results do not depend on it. Two solves on two threads each run about 40%
+    slower than one alone (Python-level work between kernels holds the GIL), so 2 cores give
+    about 1.4x."""
     share_lam: bool = True
     """With ``lam="auto"``: reuse the ``c`` chosen on the first module for every other module
     whose point at that ``c`` is admissible (the rest run their own path)."""
