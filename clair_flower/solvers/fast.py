@@ -280,16 +280,16 @@ def _sweep(X: np.ndarray, views: dict, coef: tuple[np.ndarray, np.ndarray], L: L
     The iterates are kept as ``Ys_b = a_b T_b`` and ``S_b = s_b T_b`` per block ``b``
     (``coef = (a, s)``): the ``S`` step scales ``T+ = X + Ys - L`` blockwise, so the new ``S``
     and dual are ``f T+`` and ``(1 - f) T+`` with one shrink factor ``f`` per block, and one
-    array stands for both. Per chunk: ``T+`` into ``T_next``; ``f`` from its block norms; both
-    residuals; ``(a, s)`` overwritten by ``(1 - f, f)``; the next SVT input
-    ``W = X + (1 - 2f) T+`` and, given ``Q``, ``W^T Q``. ``views`` holds the chunk views of
-    ``X``, ``T``, ``T_next`` and ``W``. Returns the block norms of the new ``S``,
-    ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
+    array stands for both. Per chunk: ``T+`` into the cache buffer ``buf[0]``; ``f`` from its
+    block norms; both residuals (``buf[1]``); ``T`` overwritten by ``T+`` and ``(a, s)`` by
+    ``(1 - f, f)``; the next SVT input ``W = X + (1 - 2f) T+`` and, given ``Q``, ``W^T Q``.
+    ``views`` holds the chunk views of ``X``, ``T`` and ``W``. Returns the block norms of the
+    new ``S``, ``||S+ - S||^2``, ``||Ys+ - Ys||^2`` and ``W^T Q``.
 
-    Each chunk is read once and written once (read ``X`` and ``T``, write ``T+`` and ``W``),
-    and its elementwise steps run as torch kernels on views of the same memory: torch
-    vectorises the per-column scalings and fuses them with the adds (``addcmul``), about twice
-    numpy's speed here, and the iteration's elementwise part costs as much as its GEMMs.
+    Each chunk is read once and written once (read ``X`` and ``T``, write ``T`` and ``W``), and
+    its elementwise steps run as torch kernels on views of the same memory: torch vectorises
+    the per-column scalings and fuses them with the adds (``addcmul``), about twice numpy's
+    speed here, and the iteration's elementwise part costs as much as its GEMMs.
     """
     P = None if Q is None else np.empty((X.shape[1], Q.shape[1]), X.dtype)
     a, s = coef
