@@ -36,7 +36,8 @@ class SolveResult:
     solver: str
     state: dict | None = None
     """Solver state for warm starts (ADMM: the iterate ``T`` with its per-block dual and ``S``
-    coefficients ``a`` and ``s``, and the penalty ``mu``)."""
+    coefficients ``a`` and ``s``, the penalty ``mu`` and the partial SVT's last subspace
+    ``basis``)."""
 
     @property
     def L(self) -> np.ndarray:
