@@ -144,9 +144,9 @@ def orthonormal_basis(P: np.ndarray) -> np.ndarray:
         for _ in range(2):
             R = np.linalg.cholesky(V.T @ V).T  # upper triangular, V = Q R
             V = V @ scipy.linalg.solve_triangular(R, np.eye(R.shape[0]), check_finite=False)
+        if not np.isfinite(V).all():
+            raise np.linalg.LinAlgError("Cholesky QR broke down")
     except np.linalg.LinAlgError:
-        return np.linalg.qr(P)[0]
-    if not np.isfinite(V).all():
         return np.linalg.qr(P)[0]
     return V.astype(P.dtype, copy=False)
 
