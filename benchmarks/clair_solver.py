@@ -11,7 +11,7 @@ per part and, as the LAST line, one JSON object with every figure:
 3. a 7B-shaped round: N=100 clients, rank 16, 64 modules of 4096 x 4096, float32 factors generated
    directly (never dense), sampled pairs with 4 pairs per client (``--pair-degree``). Wall time
    covers ``run_clair`` and building every client's refined adapters one client at a time (they
-   are :class:`~clair_flower.refinement.DeferredFactors`); peak RSS (``resource.getrusage``)
+   are :class:`~clair_flower.clair.refinement.DeferredFactors`); peak RSS (``resource.getrusage``)
    against the bytes of the uploaded factors (targets: < 60 s, peak RSS < 2x factor bytes); three
    runs on the same uploads (``--repeats``), their median held against the target. With ``--modules-run K``
    CLAIR runs on K modules only and the full time is extrapolated from the measured marginal
@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clair_flower import detection  # noqa: E402
+from clair_flower.clair import detection  # noqa: E402
 from clair_flower.clair import ClairConfig, run_clair  # noqa: E402
-from clair_flower.decomposition import ClientFactors, all_pairs, dense_problem, lam_from_c, reduced_problem  # noqa: E402
-from clair_flower.solvers import solve  # noqa: E402
-from clair_flower.synthetic import make_instance, make_large_factors  # noqa: E402
+from clair_flower.clair.decomposition import ClientFactors, all_pairs, dense_problem, lam_from_c, reduced_problem  # noqa: E402
+from clair_flower.clair.solvers import solve  # noqa: E402
+from clair_flower.clair.synthetic import make_instance, make_large_factors  # noqa: E402
 
 
 def peak_rss_bytes() -> int:

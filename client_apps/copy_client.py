@@ -20,12 +20,12 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clair_flower import attacks
-from clair_flower.config import RunConfig, attack_config, base_task_config, lora_spec, model_config, task_config, train_config
-from clair_flower.model import load_base_model, wrap_lora
-from clair_flower.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
-from clair_flower.task import NUM_SPECIAL, ClientData, encode, make_client_data
-from clair_flower.training import evaluate, train_local
+from clair_flower.copytask import attacks
+from server_apps.run_config import RunConfig, attack_config, base_task_config, lora_spec, model_config, task_config, train_config
+from clair_flower.copytask.model import load_base_model, wrap_lora
+from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
+from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_client_data
+from clair_flower.copytask.training import evaluate, train_local
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_arrayrecord, to_arrayrecord, to_metricrecord
 
 GROUND_TRUTH_KEY = "contaminated"

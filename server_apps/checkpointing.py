@@ -1,4 +1,4 @@
-"""Checkpoint and resume for the ServerApp: Flower's side of :mod:`clair_flower.checkpoint`.
+"""Checkpoint and resume for the ServerApp: Flower's side of :mod:`server_apps.checkpoint_format`.
 
 After every round the server state is saved under ``<output-dir>/checkpoints/``: the arrays
 the next round starts from, and the strategy's own state (per-node adapters, flag history,
@@ -19,10 +19,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from clair_flower.checkpoint import (CHECKPOINT_DIR, Checkpoint, CheckpointError, HasServerState,
+from server_apps.checkpoint_format import (CHECKPOINT_DIR, Checkpoint, CheckpointError, HasServerState,
                                      check_compatible, clear_checkpoints, latest_checkpoint,
                                      save_checkpoint)
-from clair_flower.config import RunConfig
+from server_apps.run_config import RunConfig
 from strategies.records import CONFIG_KEY, from_arrayrecord, to_arrayrecord
 
 PARTITION_KEY = "partition-id"

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clair_flower.config import ConfigError, RunConfig
-from clair_flower.results import (SUMMARY_JSON, format_cell, last_value, markdown_table, mean_value, write_atomic,
+from server_apps.run_config import ConfigError, RunConfig
+from server_apps.results import (SUMMARY_JSON, format_cell, last_value, markdown_table, mean_value, write_atomic,
                                   write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from clair_flower.results import RunWriter, detection_rates
+from server_apps.results import RunWriter, detection_rates
 from server_apps.checkpointing import RoundCheckpoints
 
 GROUND_TRUTH_KEY = "contaminated"

@@ -18,11 +18,11 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from clair_flower.checkpoint import Checkpoint
-from clair_flower.config import RunConfig, base_task_config, lora_spec, model_config
-from clair_flower.model import load_base_model, wrap_lora
-from clair_flower.peft_io import get_adapter_arrays
-from clair_flower.results import RunWriter, last_value, mean_value
+from server_apps.checkpoint_format import Checkpoint
+from server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config
+from clair_flower.copytask.model import load_base_model, wrap_lora
+from clair_flower.copytask.peft_io import get_adapter_arrays
+from server_apps.results import RunWriter, last_value, mean_value
 from server_apps.checkpointing import RoundCheckpoints, query_partitions
 from server_apps.recording import RecordingStrategy
 from server_apps.strategy_factory import build_strategy

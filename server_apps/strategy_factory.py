@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-from clair_flower.config import ConfigError, RunConfig
+from server_apps.run_config import ConfigError, RunConfig
 from strategies.local import LocalOnly
 from strategies.screening import ReplyScreen, ScreenedStrategy
 

@@ -18,10 +18,10 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore import log
 
-from clair_flower.checkpoint import StrategyState
+from strategies.state import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import factors_from_state_dict, factors_to_state_dict
-from clair_flower.validation import template_of
+from strategies.validation import template_of
 from strategies.personalized import PersonalizedLoraStrategy
 from strategies.records import from_arrayrecord
 from strategies.screening import ReplyScreen, Upload

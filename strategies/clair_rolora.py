@@ -50,7 +50,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.supercore import log
 
-from clair_flower.checkpoint import StrategyState
+from strategies.state import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
 from strategies.personalized import weighted_mean_state

@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
-from clair_flower.checkpoint import StrategyState
-from clair_flower.validation import template_of
+from strategies.state import StrategyState
+from strategies.validation import template_of
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
 from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
 

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
-from clair_flower.checkpoint import CheckpointError, StrategyState
+from strategies.state import CheckpointError, StrategyState
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
 from strategies.personalized import weighted_mean_state
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord

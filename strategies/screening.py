@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.supercore import log
 
-from clair_flower.checkpoint import CheckpointError, HasServerState, StrategyState
-from clair_flower.validation import UpdateRejected, absurd_norms, check_state, state_norm, template_of
+from strategies.state import CheckpointError, HasServerState, StrategyState
+from strategies.validation import UpdateRejected, absurd_norms, check_state, state_norm, template_of
 from strategies.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord
 
 

@@ -15,8 +15,8 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from clair_flower.checkpoint import CheckpointError, latest_checkpoint
-from clair_flower.config import ConfigError, RunConfig
+from server_apps.checkpoint_format import CheckpointError, latest_checkpoint
+from server_apps.run_config import ConfigError, RunConfig
 from client_apps import copy_client
 from client_apps.copy_client import app as copy_client_app
 from server_apps.checkpointing import query_partitions

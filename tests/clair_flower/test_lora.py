@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from clair_flower.lora import factors_from_state_dict, lora_scaling, refactor
-from clair_flower.model import LoraSpec, ModelConfig, build_model, wrap_lora
-from clair_flower.peft_io import get_adapter_arrays, set_adapter_arrays
-from clair_flower.task import TaskConfig
+from clair_flower.copytask.model import LoraSpec, ModelConfig, build_model, wrap_lora
+from clair_flower.copytask.peft_io import get_adapter_arrays, set_adapter_arrays
+from clair_flower.copytask.task import TaskConfig
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4)
 

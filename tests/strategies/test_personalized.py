@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client_apps.copy_client import app as client_app
-from clair_flower.config import RunConfig
+from server_apps.run_config import RunConfig
 from server_apps.inprocess import InProcessGrid, simulation_node_configs
 from server_apps.runner import initial_adapter
 from strategies import clair as clair_module

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
-from clair_flower.config import RunConfig
+from server_apps.run_config import RunConfig
 from clair_flower.lora import LoraFactors
 from client_apps.copy_client import app as copy_client_app
 from server_apps.inprocess import InProcessGrid, simulation_node_configs

@@ -78,7 +78,7 @@ def test_other_ranks_only_where_allowed() -> None:
     state = _good_state(0)
     template = {k: v.shape for k, v in state.items()}
     rank3 = {KEY_A: np.ones((3, 6), np.float32), KEY_B: np.ones((5, 3), np.float32)}
-    from clair_flower.validation import UpdateRejected, check_state
+    from strategies.validation import UpdateRejected, check_state
 
     assert check_state(rank3, template, any_rank=True)[KEY_A].shape == (3, 6)
     with pytest.raises(UpdateRejected, match="shape"):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from clair_flower.decomposition import (
+from clair_flower.clair.decomposition import (
     ClientFactors, all_pairs, dense_problem, lam_from_c, lam_grid, make_pairs, reduced_problem, sampled_pairs,
 )
-from clair_flower.synthetic import make_instance
+from clair_flower.clair.synthetic import make_instance
 
 
 def _cf(inst, name="m0"):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from clair_flower import detection
-from clair_flower.decomposition import ClientFactors, all_pairs, dense_problem, lam_from_c, reduced_problem
-from clair_flower.solvers import solve
-from clair_flower.synthetic import make_instance
+from clair_flower.clair import detection
+from clair_flower.clair.decomposition import ClientFactors, all_pairs, dense_problem, lam_from_c, reduced_problem
+from clair_flower.clair.solvers import solve
+from clair_flower.clair.synthetic import make_instance
 
 CASES = [  # (n_clients, p, q, contamination, noise, seed, c)
     (6, 8, 8, 0.2, 0.0, 1, 2.0),
@@ -66,8 +66,8 @@ def test_fast_solver_on_dense_problem_matches_reduced():
 def test_chunked_sweep_and_partial_svt_reach_the_same_optimum(monkeypatch):
     """Large-stack code paths (partial SVT fed by the sweep, many cache-sized chunks) against the
     small-stack ones (exact Gram SVT, one chunk) on one problem: the same optimum."""
-    import clair_flower.solvers.fast as fast
-    from clair_flower.decomposition import make_pairs
+    import clair_flower.clair.solvers.fast as fast
+    from clair_flower.clair.decomposition import make_pairs
 
     inst = make_instance(n_clients=60, p=200, q=96, frac_contaminated=0.2, noise=0.02, seed=6)
     cf = _cf(inst)
@@ -87,7 +87,7 @@ def test_chunked_sweep_and_partial_svt_reach_the_same_optimum(monkeypatch):
 
 
 def test_column_chunks_hold_whole_blocks(monkeypatch):
-    import clair_flower.solvers.fast as fast
+    import clair_flower.clair.solvers.fast as fast
 
     monkeypatch.setattr(fast, "CHUNK_BYTES", 80)
     widths = np.array([3, 5, 40, 2, 2, 7])
@@ -117,7 +117,7 @@ def test_warm_start_from_the_iterate_reaches_the_cold_optimum():
 def test_blas_threads_runs_torch_on_one_thread_and_restores_it():
     import torch
 
-    from clair_flower.solvers.fast import blas_threads
+    from clair_flower.clair.solvers.fast import blas_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from clair_flower import detection
-from clair_flower.decomposition import all_pairs, sampled_pairs
+from clair_flower.clair import detection
+from clair_flower.clair.decomposition import all_pairs, sampled_pairs
 
 
 def _evidence_for(pairs, bad, value=1.0, noise=0.0, seed=0):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from clair_flower.model import LoraSpec, ModelConfig, build_model, wrap_lora
-from clair_flower.peft_io import (
+from clair_flower.copytask.model import LoraSpec, ModelConfig, build_model, wrap_lora
+from clair_flower.copytask.peft_io import (
     AdapterMismatchError, adapter_template, get_adapter_arrays, set_adapter_arrays,
 )
-from clair_flower.task import TaskConfig
+from clair_flower.copytask.task import TaskConfig
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from clair_flower.refinement import lowrank_svd, refine_module
-from clair_flower.synthetic import make_instance
+from clair_flower.clair.refinement import lowrank_svd, refine_module
+from clair_flower.clair.synthetic import make_instance
 
 
 def _setup(n=8, ranks=None, noise=0.05, seed=3):
@@ -78,7 +78,7 @@ def _dense_inner(B, A):
 def test_ranged_path_reports_exact_errors_and_is_near_optimal(monkeypatch, p, q, n, full_range, mixed):
     """The large-module path (range of the mean by subspace iteration, errors from ``inner``),
     with equal client ranks and with three ranks mixed (benign clients batched per rank)."""
-    import clair_flower.refinement as refinement
+    import clair_flower.clair.refinement as refinement
 
     monkeypatch.setattr(refinement, "RANGE_MIN_COLUMNS", 0)
     ranks = [(6, 8, 10)[k % 3] for k in range(n)] if mixed else None

@@ -5,7 +5,7 @@ import pytest
 
 from clair_flower.clair import ClairConfig, ClairInputError, run_clair
 from clair_flower.lora import LoraFactors
-from clair_flower.synthetic import make_instance
+from clair_flower.clair.synthetic import make_instance
 
 
 def sin_theta(U_true: np.ndarray, U_hat: np.ndarray) -> float:
@@ -223,7 +223,7 @@ def test_string_client_ids_and_diagnostics_are_plain():
 
 def test_inconclusive_vote_keeps_a_persistent_score_outlier():
     """One round's dip below the z threshold does not unflag a client that was far above it."""
-    from clair_flower.clair import _persistent_outliers
+    from clair_flower.clair.run import _persistent_outliers
 
     cfg = ClairConfig(z_threshold=3.5, z_memory=3)
     z = np.array([0.2, 3.0, -0.5, 0.9])

@@ -13,8 +13,8 @@ import time
 import cvxpy as cp
 import numpy as np
 
-from clair_flower.decomposition import BlockProblem, block_norms
-from clair_flower.solvers import SolveResult, svd_of
+from clair_flower.clair.decomposition import BlockProblem, block_norms
+from clair_flower.clair.solvers import SolveResult, svd_of
 
 SCS_EPS = 1e-9
 

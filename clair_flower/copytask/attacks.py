@@ -53,7 +53,7 @@ Model attacks act on PEFT LoRA state dicts (``...lora_A.weight`` (r, in), ``...l
 passed through from ``honest`` (from ``received`` for the stale free-rider).  Data attacks act on
 content arrays; ``vocab_size`` is the number of *content* tokens and the arrays hold ids
 ``first_token .. first_token + vocab_size - 1``.  The default ``first_token = 0`` matches
-:mod:`clair_flower.task`, whose poison callbacks receive content indices (it adds the special-token
+:mod:`clair_flower.copytask.task`, whose poison callbacks receive content indices (it adds the special-token
 offset when encoding); pass ``first_token = NUM_SPECIAL`` for arrays of model token ids.  Ids
 outside that range are rejected, so a mix-up fails loudly.
 """

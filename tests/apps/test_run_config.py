@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clair_flower.config import ConfigError, RunConfig
+from server_apps.run_config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

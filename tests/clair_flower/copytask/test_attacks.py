@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clair_flower import attacks as atk
-from clair_flower.attacks import (
+from clair_flower.copytask import attacks as atk
+from clair_flower.copytask.attacks import (
     ATTACKS,
     AttackConfig,
     UnknownAttackError,
@@ -23,7 +23,7 @@ from clair_flower.attacks import (
 
 ALPHA = 16.0
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj")
-V = 37  # content tokens; arrays hold content indices 0 .. V-1 (clair_flower.task)
+V = 37  # content tokens; arrays hold content indices 0 .. V-1 (clair_flower.copytask.task)
 
 
 def adapter(seed: int, rank: int = 4, p: int = 24, q: int = 20, shared_a: np.ndarray | None = None):

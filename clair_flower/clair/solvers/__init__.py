@@ -1,9 +1,9 @@
-"""Solvers for the CLAIR program of :mod:`clair_flower.decomposition`.
+"""Solvers for the CLAIR program of :mod:`clair_flower.clair.decomposition`.
 
 ``fast`` (default) solves the exactly reduced problem with an inexact ALM / ADMM (constrained
 form) or accelerated proximal gradient (penalized form); ``reference`` hands the dense problem
 to cvxpy/SCS and is only usable at small sizes. Both return a :class:`SolveResult` on the
-normalised scale of the :class:`~clair_flower.decomposition.BlockProblem` they were given.
+normalised scale of the :class:`~clair_flower.clair.decomposition.BlockProblem` they were given.
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def solve(problem, lam: float, form: str = "constrained", solver: str = "fast", 
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if solver == "fast":
-        from clair_flower.solvers.fast import solve_fast
+        from clair_flower.clair.solvers.fast import solve_fast
         return solve_fast(problem, lam, form, mu=mu, tol=tol, max_iter=max_iter, warm=warm)
     if solver == "reference":
-        from clair_flower.solvers.reference import solve_reference
+        from clair_flower.clair.solvers.reference import solve_reference
         return solve_reference(problem, lam, form, mu=mu, tol=tol)
     raise ValueError(f"solver must be 'fast' or 'reference', got {solver!r}")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import clair_flower.model as model_mod
-from clair_flower.model import (
+import clair_flower.copytask.model as model_mod
+from clair_flower.copytask.model import (
     LoraSpec, ModelConfig, build_model, cache_path, default_cache_dir, load_base_model, wrap_lora,
 )
-from clair_flower.peft_io import get_adapter_arrays
-from clair_flower.task import TaskConfig, restricted_eval_set
-from clair_flower.training import evaluate
+from clair_flower.copytask.peft_io import get_adapter_arrays
+from clair_flower.copytask.task import TaskConfig, restricted_eval_set
+from clair_flower.copytask.training import evaluate
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4)
 TINY = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_positions=16, pretrain_steps=10, pretrain_batch=8)

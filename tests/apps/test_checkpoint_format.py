@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clair_flower.checkpoint import (Checkpoint, CheckpointError, StrategyState, check_compatible,
+from server_apps.checkpoint_format import (Checkpoint, CheckpointError, StrategyState, check_compatible,
                                      checkpoint_rounds, clear_checkpoints, latest_checkpoint,
                                      load_checkpoint, save_checkpoint)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from clair_flower.model import LoraSpec, ModelConfig, build_model, load_base_model, wrap_lora
-from clair_flower.peft_io import get_adapter_arrays
-from clair_flower.task import IGNORE_INDEX, TaskConfig, encode, make_client_data
-from clair_flower.training import TrainConfig, evaluate, train_local
+from clair_flower.copytask.model import LoraSpec, ModelConfig, build_model, load_base_model, wrap_lora
+from clair_flower.copytask.peft_io import get_adapter_arrays
+from clair_flower.copytask.task import IGNORE_INDEX, TaskConfig, encode, make_client_data
+from clair_flower.copytask.training import TrainConfig, evaluate, train_local
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4, num_train=8, num_test=16)
 TINY = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_positions=16)

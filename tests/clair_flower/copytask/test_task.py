@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clair_flower.task import (
+from clair_flower.copytask.task import (
     BOS, IGNORE_INDEX, NUM_SPECIAL, PAD, SEP, TaskConfig, encode, make_client_data,
     make_pretrain_batch, restricted_eval_set,
 )

@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from clair_flower.attacks import AttackConfig
-    from clair_flower.model import LoraSpec, ModelConfig
-    from clair_flower.task import TaskConfig
-    from clair_flower.training import TrainConfig
+    from clair_flower.copytask.attacks import AttackConfig
+    from clair_flower.copytask.model import LoraSpec, ModelConfig
+    from clair_flower.copytask.task import TaskConfig
+    from clair_flower.copytask.training import TrainConfig
 
 STRATEGIES = ("fedavg", "local", "oracle", "clair", "clair-plus", "krum", "multikrum",
               "fedmedian", "fedtrimmedavg", "bulyan", "ffa-lora", "rolora", "clair-rolora")
@@ -87,7 +87,7 @@ class RunConfig:
         _one_of("model-arch", self.model_arch, MODEL_ARCHS)
         _one_of("clair-solver", self.clair_solver, CLAIR_SOLVERS)
         _one_of("clair-policy", self.clair_policy, CLAIR_POLICIES)
-        from clair_flower.attacks import ATTACKS
+        from clair_flower.copytask.attacks import ATTACKS
 
         _one_of("attack", self.attack, ATTACKS)
         for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
@@ -192,7 +192,7 @@ def _coerce(key: str, value: object, typ: object) -> object:
 # -- the core's own config objects, built from one validated RunConfig ------------------------
 
 def task_config(cfg: RunConfig) -> TaskConfig:
-    from clair_flower.task import TaskConfig
+    from clair_flower.copytask.task import TaskConfig
 
     return TaskConfig(vocab_size=cfg.vocab_size, min_len=cfg.min_len, max_len=cfg.max_len,
                       num_train=cfg.num_train, num_test=cfg.num_test,
@@ -206,27 +206,27 @@ def base_task_config(cfg: RunConfig) -> TaskConfig:
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:
-    from clair_flower.model import ModelConfig
+    from clair_flower.copytask.model import ModelConfig
 
     return ModelConfig(arch=cfg.model_arch, n_layer=cfg.model_layers, n_embd=cfg.model_width,
                        n_head=cfg.model_heads, max_positions=max(64, 2 * cfg.max_len + 2))
 
 
 def lora_spec(cfg: RunConfig) -> LoraSpec:
-    from clair_flower.model import LoraSpec
+    from clair_flower.copytask.model import LoraSpec
 
     return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                     target_modules=cfg.target_modules or (), use_rslora=cfg.use_rslora)
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
-    from clair_flower.training import TrainConfig
+    from clair_flower.copytask.training import TrainConfig
 
     return TrainConfig(local_steps=cfg.local_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size)
 
 
 def attack_config(cfg: RunConfig) -> AttackConfig:
-    from clair_flower.attacks import AttackConfig, UnknownAttackError
+    from clair_flower.copytask.attacks import AttackConfig, UnknownAttackError
 
     kwargs: dict[str, object] = dict(name=cfg.attack, fraction=cfg.attack_fraction,
                                      start_round=cfg.attack_start_round, seed=cfg.attack_seed)

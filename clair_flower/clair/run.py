@@ -10,12 +10,12 @@ a majority vote over pairs gives the collaborative set; each benign client recei
 projected on ``U`` plus the collaborative mean off ``U``, re-factored at its own rank.
 
 Lambda selection (``lam="auto"``): on the normalised stack, ``lam = c / sqrt(|P|)`` for ``c`` on
-the geometric grid of :func:`~clair_flower.decomposition.lam_grid` (solved from large to small
+the geometric grid of :func:`~clair_flower.clair.decomposition.lam_grid` (solved from large to small
 ``c``, warm-started, stopping at the first majority-flagged point once an admissible point was
 seen, since smaller ``c`` only moves more blocks into ``S``; path points are solved to ``PATH_TOL``
 and the chosen one to ``tol``). A grid point is *admissible* when its flagged-pair pattern is explained by
 a client set (consistency >= ``1 - consistency_tol``, see
-:func:`~clair_flower.detection.consistency`) and the flagged clients are a strict minority. Among
+:func:`~clair_flower.clair.detection.consistency`) and the flagged clients are a strict minority. Among
 admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is used and the module's
@@ -31,7 +31,7 @@ Default form: ``constrained`` (the DESIGN prototype's). It passes every property
 error floor on ``U`` (about 5e-3 at ``penalty=0.01`` on the synthetic model), so it is opt-in.
 ``U_hat`` is taken from the blocks of ``L_hat`` over pairs of two collaborative clients (see
 :func:`_subspace`), and the multi-module rule is the joint group norm of
-:mod:`clair_flower.detection`.
+:mod:`clair_flower.clair.detection`.
 
 Inputs that are all zero for every module (a free-rider, or an untrained adapter) are excluded
 before the decomposition and reported as flagged with ``reason="all-zero update"``: a zero update
@@ -49,14 +49,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clair_flower import detection
-from clair_flower.decomposition import (
+from clair_flower.clair import detection
+from clair_flower.clair.decomposition import (
     BlockProblem, ClientFactors, dense_problem, lam_from_c, lam_grid, make_pairs, reduced_problem,
 )
 from clair_flower.lora import LoraFactors
-from clair_flower.refinement import POLICIES, gram_svd, mean_factors, refine_module, top_factors
-from clair_flower.solvers import FORMS, SolveResult, solve
-from clair_flower.solvers.fast import blas_threads
+from clair_flower.clair.refinement import POLICIES, gram_svd, mean_factors, refine_module, top_factors
+from clair_flower.clair.solvers import FORMS, SolveResult, solve
+from clair_flower.clair.solvers.fast import blas_threads
 
 ClientId = Hashable
 
@@ -140,7 +140,7 @@ class ClairConfig:
 @dataclass
 class ClientReport:
     """One client's outcome. ``refined`` maps modules to factors at the client's rank; for large
-    modules these are :class:`~clair_flower.refinement.DeferredFactors`, built when read."""
+    modules these are :class:`~clair_flower.clair.refinement.DeferredFactors`, built when read."""
 
     vote: float
     score: float

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clair_flower.decomposition import Pair
+from clair_flower.clair.decomposition import Pair
 
 ZERO_BLOCK_RTOL = 1e-9
 

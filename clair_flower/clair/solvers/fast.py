@@ -1,6 +1,6 @@
 """Fast exact solver: first-order methods on the reduced problem.
 
-The problem handed in is usually :func:`~clair_flower.decomposition.reduced_problem`, whose size
+The problem handed in is usually :func:`~clair_flower.clair.decomposition.reduced_problem`, whose size
 depends on the client ranks and the pair count only, so the iterations below never touch
 ``p x q`` data. Both methods are run to a tight tolerance (default ``1e-7`` relative), which is
 what makes them agree with the cvxpy reference rather than merely approximate it.
@@ -33,8 +33,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from clair_flower.decomposition import BlockProblem, block_norms, objective_constrained, objective_penalized
-from clair_flower.solvers import SolveResult, svd_of
+from clair_flower.clair.decomposition import BlockProblem, block_norms, objective_constrained, objective_penalized
+from clair_flower.clair.solvers import SolveResult, svd_of
 
 DENSE_SVD_MAX = 128
 """Use the exact Gram-eigh SVT when ``min(X.shape)`` is at most this, else the partial one."""
