@@ -5,6 +5,9 @@ every benign client's update on that subspace.
 Flower-free. ``run_clair`` is the entry point; ``docs/DESIGN.md`` describes the reconstruction.
 """
 
-from clair_flower.clair.run import ClairConfig, ClairInputError, ClairResult, ClientReport, ModuleReport, run_clair
+from clair_flower.clair.config import ClairConfig
+from clair_flower.clair.inputs import ClairInputError
+from clair_flower.clair.result import ClairResult, ClientReport, ModuleReport
+from clair_flower.clair.run import run_clair
 
 __all__ = ["ClairConfig", "ClairInputError", "ClairResult", "ClientReport", "ModuleReport", "run_clair"]

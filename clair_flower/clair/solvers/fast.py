@@ -22,12 +22,9 @@ the subspace-iteration accuracy.
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
-import os
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import numpy as np
 import scipy.linalg
@@ -35,6 +32,7 @@ import torch
 
 from clair_flower.clair.decomposition import BlockProblem, block_norms, objective_constrained, objective_penalized
 from clair_flower.clair.solvers import SolveResult, svd_of
+from clair_flower.clair.threads import blas_threads, blas_thread_count
 
 DENSE_SVD_MAX = 128
 """Use the exact Gram-eigh SVT when ``min(X.shape)`` is at most this, else the partial one."""
@@ -44,50 +42,6 @@ PARTIAL_OVERSAMPLE = 8
 SMALL_PROBLEM = 200_000
 """Below this many entries, BLAS runs single-threaded: thread hand-offs on tiny matrices cost
 far more than they save (measured 10-60x slower on a loaded 2-core machine)."""
-
-
-def _openblas() -> list[tuple]:
-    """``(set, get)`` thread functions of the OpenBLAS builds numpy and scipy bundle.
-
-    numpy and scipy wheels each ship their own OpenBLAS (64- and 32-bit integer builds), so
-    both are set: scipy's LAPACK and BLAS calls would otherwise spawn threads of their own.
-    """
-    found = []
-    for pkg, suffix in ((np, "64_"), (scipy, "")):
-        libdir = os.path.join(os.path.dirname(pkg.__file__), os.pardir, f"{pkg.__name__}.libs")
-        for path in glob.glob(os.path.join(libdir, "*openblas*")):
-            try:
-                lib = ctypes.CDLL(path)
-                found.append((getattr(lib, f"scipy_openblas_set_num_threads{suffix}"),
-                              getattr(lib, f"scipy_openblas_get_num_threads{suffix}")))
-                break
-            except (OSError, AttributeError):
-                continue
-    return found
-
-
-_BLAS = _openblas()
-
-
-@contextmanager
-def blas_threads(n: int):
-    """Temporarily limit the BLAS of numpy and scipy to ``n`` threads (a no-op for unknown
-    builds), and torch's intra-op pool to one.
-
-    The solver's torch kernels run on cache-sized chunks, too small to share; and torch's pool
-    spinning beside a multi-threaded BLAS on the same cores was measured 4-8x slower.
-    """
-    old = [int(getter()) for _, getter in _BLAS]
-    old_torch = torch.get_num_threads()
-    for setter, _ in _BLAS:
-        setter(int(n))
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        for (setter, _), k in zip(_BLAS, old):
-            setter(k)
-        torch.set_num_threads(old_torch)
 
 
 def _block_shrink(Y: np.ndarray, widths: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -443,8 +397,8 @@ def solve_fast(
     t0 = time.perf_counter()
     X, widths = problem.X, problem.widths
     tol = max(tol, 50 * float(np.finfo(X.dtype).eps))  # float32 stacks cannot reach 1e-8
-    threads = 1 if X.size <= SMALL_PROBLEM else (int(_BLAS[0][1]()) if _BLAS else 0)
-    with blas_threads(threads) if threads else _null():
+    threads = 1 if X.size <= SMALL_PROBLEM else blas_thread_count()
+    with blas_threads(threads) if threads else nullcontext():
         state: dict = {}
         svt = _SVT()
         L, S, sv, s_norms, it, ok, obj = _run(X, widths, lam, form, mu, tol, max_iter, warm, state, svt)
@@ -469,11 +423,6 @@ def _singular_factors(L: "LowRank | np.ndarray", sv: np.ndarray, left: np.ndarra
     dense = L.dense() if isinstance(L, LowRank) else L
     u, s = svd_of(dense)
     return u, u.T.astype(dense.dtype, copy=False) @ dense, s
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def _run(X, widths, lam, form, mu, tol, max_iter, warm, state, svt):

@@ -117,7 +117,7 @@ def test_warm_start_from_the_iterate_reaches_the_cold_optimum():
 def test_blas_threads_runs_torch_on_one_thread_and_restores_it():
     import torch
 
-    from clair_flower.clair.solvers.fast import blas_threads
+    from clair_flower.clair.threads import blas_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

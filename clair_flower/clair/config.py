@@ -1,0 +1,73 @@
+"""Settings of one CLAIR aggregation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clair_flower.clair.refinement import POLICIES
+from clair_flower.clair.solvers import FORMS
+
+
+@dataclass(frozen=True)
+class ClairConfig:
+    """Settings of one CLAIR aggregation (``docs/DESIGN.md`` section 3 explains each rule).
+
+    ``lam`` is ``"auto"`` (the constant ``c`` of ``lam = c / sqrt(|P|)`` chosen along a path,
+    see :mod:`clair_flower.clair.path`) or a fixed positive ``c``.
+    """
+
+    rank: int | None = None
+    solver: str = "fast"
+    form: str = "constrained"
+    lam: str | float = "auto"
+    pairs: str = "all"
+    pair_degree: int | None = None
+    flag_threshold: float = 0.25
+    """Pair flagged when ``||S_kl||_F > flag_threshold * median block norm``: client-specific
+    off-subspace error below a quarter of a typical difference is treated as noise."""
+    vote_threshold: float = 0.5
+    flagged_policy: str = "consensus"
+    in_subspace_stage: bool = False
+    seed: int = 0
+    max_iter: int = 3000
+    tol: float = 1e-8
+    penalty: float = 0.01
+    """Penalized form: ``mu = penalty * ||X||_2`` on the normalised stack."""
+    z_threshold: float = 3.5
+    """Robust z-score above which a client is flagged: by the in-subspace stage, and by the
+    score when the vote is inconclusive."""
+    z_memory: int = 3
+    """Inconclusive vote: a client is also flagged when the mean of its score's robust z over
+    this round and its last ``z_memory - 1`` rounds (``prior_z`` of ``run_clair``) is above
+    ``z_threshold``, so a persistent outlier is not lost to one round's dip."""
+    rank_rtol: float = 0.05
+    consistency_tol: float = 0.02
+    path_points: int = 12
+    blas_threads: int | None = 1
+    """BLAS threads inside ``run_clair``; 1 avoids OpenBLAS thread hand-offs that made LAPACK
+    calls 10x slower on a shared 2-core machine; ``None`` keeps the library's setting."""
+    workers: int | None = None
+    """Modules decomposed concurrently (threads; numpy and LAPACK release the GIL). ``None``:
+    one per CPU core. Results do not depend on it. Two solves on two threads each run about 40%
+    slower than one alone (Python-level work between kernels holds the GIL), so 2 cores give
+    about 1.4x."""
+    share_lam: bool = True
+    """With ``lam="auto"``: reuse the ``c`` chosen on the first module for every other module
+    whose point at that ``c`` is admissible (the rest run their own path)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot be used."""
+        if self.solver not in ("fast", "reference"):
+            raise ValueError(f"solver must be 'fast' or 'reference', got {self.solver!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.flagged_policy not in POLICIES:
+            raise ValueError(f"flagged_policy must be one of {POLICIES}, got {self.flagged_policy!r}")
+        if not (self.lam == "auto" or (isinstance(self.lam, (int, float)) and self.lam > 0)):
+            raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be None or >= 1, got {self.rank}")
+        if self.z_memory < 1:
+            raise ValueError(f"z_memory must be >= 1, got {self.z_memory}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be None or >= 1, got {self.workers}")

@@ -1,0 +1,166 @@
+"""Steps 1 to 3 for every module: the stacked differences, their decomposition, the subspace.
+
+Each module's outcome is a :class:`ModuleFit`. The first module runs the lambda path; with
+``share_lam`` every other module is solved at the ``c`` it chose and keeps it where it is
+admissible there (``selection = "shared"``), so a many-module round solves one path, not one per
+module. Modules run on a thread each (:mod:`clair_flower.clair.threads`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clair_flower.clair import detection
+from clair_flower.clair.config import ClairConfig
+from clair_flower.clair.decomposition import BlockProblem, ClientFactors, Pair, dense_problem, reduced_problem
+from clair_flower.clair.inputs import ClairInputError
+from clair_flower.clair.path import PathChoice, solve_path
+from clair_flower.clair.solvers import SolveResult
+from clair_flower.clair.threads import map_all
+
+Factors = dict[str, dict]
+"""Validated uploads, ``[module][client]`` to :class:`~clair_flower.lora.LoraFactors`."""
+
+
+@dataclass
+class ModuleFit:
+    """One module's decomposition, in the reduced coordinates the solver used.
+
+    ``L = L_left @ L_right`` (``L_left`` orthonormal in the reduced row space, ``lifted`` its
+    image in the module's output space, p x k); ``offsets`` are the column offsets of the pair
+    blocks; ``evidence`` the pair evidence ``||S_kl|| / block scale``; ``inner`` the clients'
+    inner products ``<dW_k, dW_l>`` (read off the Grams; ``None`` for dense problems).
+    """
+
+    offsets: np.ndarray
+    lifted: np.ndarray
+    L_left: np.ndarray
+    L_right: np.ndarray
+    evidence: np.ndarray
+    informative: np.ndarray
+    inner: np.ndarray | None
+    diagnostics: dict
+    U: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    rank: int = 0
+
+
+def client_factors(fac: Factors, m: str, active: list) -> ClientFactors:
+    """One module's factors with the scaling folded into ``B``, rebuilt on demand (not stored:
+    at LLM sizes a second copy of every upload would double the peak memory)."""
+    dtype = np.float32 if all(fac[m][c].A.dtype == np.float32 for c in active) else np.float64
+    return ClientFactors.scaled([fac[m][c].B for c in active], [fac[m][c].A for c in active],
+                                [fac[m][c].scaling for c in active], dtype)
+
+
+def build_problem(cf: ClientFactors, pairs: Sequence[Pair], cfg: ClairConfig) -> tuple[BlockProblem, float]:
+    """Step 1 for one module: the stacked differences (reduced for the fast solver), and seconds."""
+    t0 = time.perf_counter()
+    problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
+    return problem, time.perf_counter() - t0
+
+
+def fit_module(problem: BlockProblem, t_red: float, res: SolveResult, choice: PathChoice,
+               seconds: float, form: str) -> ModuleFit:
+    """Step 2's outcome for one module, from the solve at the chosen point."""
+    k = int(np.sum(res.L_sv > 1e-10 * res.L_sv[0])) if res.L_sv.size and res.L_sv[0] > 0 else 0
+    L_left = res.L_left[:, :k]
+    diag = {"solver": res.solver, "form": form, "status": res.status, "iterations": res.iterations,
+            "objective": res.objective, "seconds": t_red + seconds, "reduce_seconds": t_red,
+            "singular_values": [float(s) for s in res.L_sv[:10]], **choice.diagnostics(), **problem.info}
+    return ModuleFit(offsets=problem.offsets, lifted=np.asarray(problem.lift_left(L_left), dtype=np.float64),
+                     L_left=L_left, L_right=res.L_right[:k].astype(np.float64),
+                     evidence=detection.pair_evidence(res.S_norms, problem.block_norms),
+                     informative=detection.informative_pairs(problem.block_norms), inner=problem.inner,
+                     diagnostics=diag)
+
+
+def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair],
+                      cfg: ClairConfig, n: int) -> dict[str, ModuleFit]:
+    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``).
+
+    The first module runs its path alone, on every worker; with an admissible pick it is then
+    polished at that ``c`` (from its path point) while every other module is solved at it, on
+    the same pool.
+    """
+    def checked(fn: Callable, m: str):
+        try:
+            return fn()
+        except ValueError as e:  # e.g. every active client uploaded the same update
+            raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
+
+    def one(m: str, c_shared: float | None = None, pre: tuple | None = None,
+            first_path: PathChoice | None = None, solved: tuple | None = None,
+            warm: SolveResult | None = None) -> ModuleFit:
+        def run() -> ModuleFit:
+            problem, t_red = pre if pre is not None else build_problem(client_factors(fac, m, active), pairs, cfg)
+            t0 = time.perf_counter()
+            res, choice = solved if solved is not None else solve_path(problem, cfg, n, c_shared, warm=warm)
+            if first_path is not None and choice.selection == "shared":
+                # the first module at its own pick: its path stays the reported selection
+                choice = PathChoice(first_path.c, first_path.lam, first_path.mu, first_path.selection,
+                                    first_path.path, first_path.iterations_total + choice.iterations_total)
+            path_seconds = first_path.seconds if first_path is not None else choice.seconds
+            return fit_module(problem, t_red, res, choice, path_seconds + time.perf_counter() - t0, cfg.form)
+        return checked(run, m)
+
+    workers = cfg.workers or os.cpu_count() or 1
+    m0 = modules[0]
+    share = cfg.share_lam and cfg.lam == "auto"
+    pre0 = checked(lambda: build_problem(client_factors(fac, m0, active), pairs, cfg), m0)
+    t0 = time.perf_counter()
+    res0, path0 = checked(lambda: solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0)
+    path0.seconds = time.perf_counter() - t0
+    if path0.deferred:  # an admissible c: every module, the first included, is solved at it
+        c = path0.c
+        fits = map_all(lambda m: one(m, c, pre0, path0, warm=res0) if m == m0 else one(m, c),
+                       modules, cfg.workers)
+        return dict(zip(modules, fits))
+    first = one(m0, pre=pre0, solved=(res0, path0))  # no admissible pick (or no sharing): the rest run their own
+    rest = map_all(lambda m: one(m), modules[1:], cfg.workers)
+    return dict(zip(modules, [first, *rest]))
+
+
+def gap_rank(sv: np.ndarray) -> int:
+    """Rank at the largest ratio ``sigma_i / sigma_{i+1}`` (tiny values floored at 1e-12 sigma_1)."""
+    if sv.size == 0 or sv[0] <= 0:
+        return 1
+    s = np.maximum(np.append(sv, 0.0), 1e-12 * sv[0])
+    return int(np.argmax(s[:-1] / s[1:])) + 1
+
+
+def subspace(fit: ModuleFit, benign_pairs: np.ndarray, rank: int | None) -> tuple[np.ndarray, int, np.ndarray]:
+    """Step 3: ``U_hat`` from the blocks of ``L_hat`` whose pairs are both collaborative.
+
+    Pairs touching a contaminated client do not cancel the common component ``C``, so ``L_hat``
+    may carry its direction there; restricted to collaborative pairs it lies in ``span(U)`` in
+    the model. ``r_hat`` is ``rank`` or the largest singular-value gap of that restriction.
+    """
+    off = fit.offsets
+    cols = np.concatenate([np.arange(off[i], off[i + 1]) for i in np.flatnonzero(benign_pairs)] or [np.zeros(0, int)])
+    if cols.size == 0:  # no collaborative pair: fall back to all of L
+        cols = np.arange(off[-1])
+    # L_b = L_left @ R_b with orthonormal L_left: its left singular vectors are L_left W for the
+    # eigenvectors W of the small Gram R_b R_b^T, and Q L_left W = lifted @ W (only p x k kept)
+    Rb = fit.L_right[:, cols]
+    e, W = np.linalg.eigh(Rb @ Rb.T)
+    s, W = np.sqrt(np.maximum(e[::-1], 0.0)), W[:, ::-1]
+    r_hat = rank if rank is not None else gap_rank(s)
+    r_hat = max(1, min(r_hat, W.shape[1]))
+    U = fit.lifted @ W[:, :r_hat]
+    return np.linalg.qr(U)[0], int(r_hat), s
+
+
+def set_subspaces(fits: dict[str, ModuleFit], pairs: Sequence[Pair], flagged: np.ndarray,
+                  rank: int | None) -> None:
+    """Fill ``U``/``rank`` of every module from the pairs among non-flagged clients."""
+    benign = np.array([not (flagged[k] or flagged[l]) for k, l in pairs])
+    for fit in fits.values():
+        U, r_hat, s = subspace(fit, benign, rank)
+        fit.U, fit.rank = U, r_hat
+        fit.diagnostics["subspace_singular_values"] = [float(x) for x in s[: max(r_hat + 5, 10)]]
+        fit.diagnostics["rank"] = r_hat

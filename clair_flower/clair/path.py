@@ -1,0 +1,194 @@
+"""The lambda path: which ``c`` of ``lam = c / sqrt(|P|)`` a module is solved at.
+
+On the normalised stack, ``c`` runs over the geometric grid of
+:func:`~clair_flower.clair.decomposition.lam_grid` from large to small, warm-started, stopping at
+the first majority-flagged point once an admissible point was seen (smaller ``c`` only moves
+more blocks into ``S``). Path points are solved to :data:`PATH_TOL`, the chosen one to the
+configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
+client set (consistency >= ``1 - consistency_tol``, see
+:func:`~clair_flower.clair.detection.consistency`) and the flagged clients are a strict minority.
+Among admissible points the one with the lowest effective rank of ``L`` (singular values above
+``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
+run of ``c``. With no admissible point, the most consistent point with a flagged minority is
+used (``selection = "fallback"``). A float ``lam`` is the constant ``c`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from clair_flower.clair import detection
+from clair_flower.clair.config import ClairConfig
+from clair_flower.clair.decomposition import BlockProblem, lam_from_c, lam_grid
+from clair_flower.clair.solvers import SolveResult, solve
+from clair_flower.clair.threads import map_lazy
+
+PATH_TOL = 1e-4
+"""Tolerance of the lambda-path solves; flags and effective ranks are stable far above it. The
+chosen point is then polished to ``ClairConfig.tol`` from the path point (warm: a few
+iterations), beside the other modules when its ``c`` is shared with them."""
+
+PATH_BATCH = 2
+"""Path points solved side by side, each warm-started from the last point of the batch before.
+The batches are fixed, so the path does not depend on how many threads run them; on 2 cores
+this halves the first module's path, during which no other module can start (they wait for
+its ``c``)."""
+
+
+@dataclass
+class PathPoint:
+    """One solved point of the path and how it was judged."""
+
+    c: float
+    lam: float
+    effective_rank: int
+    n_flagged: int
+    consistency: float
+    status: str
+    iterations: int
+    admissible: bool
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Lower is better among admissible points: rank of ``L``, then flagged count."""
+        return (self.effective_rank, self.n_flagged)
+
+
+@dataclass
+class PathChoice:
+    """The point a module is solved at, and the path that led there.
+
+    ``selection`` is ``"admissible"``, ``"shared"`` (another module's ``c``, admissible here),
+    ``"fallback"`` (no admissible point) or ``"fixed"`` (a float ``lam``). ``deferred``: the
+    pick is still at the path's tolerance; the caller polishes it.
+    """
+
+    c: float
+    lam: float
+    mu: float | None
+    selection: str
+    path: list[PathPoint]
+    iterations_total: int
+    seconds: float = 0.0
+    deferred: bool = False
+
+    def diagnostics(self) -> dict:
+        """JSON values for :class:`~clair_flower.clair.result.ModuleReport`."""
+        return {"c": self.c, "lam": self.lam, "mu": self.mu, "selection": self.selection,
+                "path": [asdict(p) for p in self.path], "iterations_total": self.iterations_total}
+
+
+def effective_rank(sv: np.ndarray, rtol: float) -> int:
+    """Singular values above ``rtol * sigma_1``."""
+    return int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0
+
+
+def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c: float,
+           informative: np.ndarray) -> PathPoint:
+    """Judge one solved point: effective rank of ``L``, flagged clients, consistency."""
+    ev = detection.pair_evidence(res.S_norms, problem.block_norms)
+    v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
+    cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
+    nflag = int(v.flagged.sum())
+    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=effective_rank(res.L_sv, cfg.rank_rtol),
+                     n_flagged=nflag, consistency=cons, status=res.status, iterations=res.iterations,
+                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n)
+
+
+def penalty_weight(problem: BlockProblem, cfg: ClairConfig) -> float | None:
+    """The penalized form's ``mu``; ``None`` for the constrained form."""
+    if cfg.form != "penalized":
+        return None
+    return cfg.penalty * float(np.linalg.norm(problem.X.astype(np.float64), 2))
+
+
+def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None = None,
+               workers: int = 1, defer_admissible: bool = False, warm: SolveResult | None = None
+               ) -> tuple[SolveResult, PathChoice]:
+    """Solve along the lambda path and pick the admissible point (module docstring).
+
+    With ``c_shared`` (the ``c`` another module chose), that point is solved first and kept if
+    admissible (warm-started from ``warm`` if given), which spares the path on every module but
+    one. The path's points are solved in batches of :data:`PATH_BATCH` on up to ``workers``
+    threads. With ``defer_admissible``, an admissible pick is returned at the path's tolerance
+    with ``deferred=True``: the caller polishes it to full accuracy beside the other modules.
+    """
+    pairs = problem.pairs
+    cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
+    mu = penalty_weight(problem, cfg)
+    informative = detection.informative_pairs(problem.block_norms)
+    spent = 0
+    if c_shared is not None and cfg.lam == "auto":
+        res = solve(problem, lam_from_c(c_shared, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
+                    max_iter=cfg.max_iter, warm=warm)
+        point = assess(res, problem, cfg, n, c_shared, informative)
+        if point.admissible:
+            return res, PathChoice(c_shared, point.lam, mu, "shared", [point], res.iterations)
+        spent = res.iterations
+    path: list[PathPoint] = []
+    results: list[SolveResult | None] = []
+    last: SolveResult | None = None
+    path_tol = cfg.tol if len(cs) == 1 or cfg.solver == "reference" else max(cfg.tol, PATH_TOL)
+    batch = PATH_BATCH if cfg.solver == "fast" else 1
+    for b0 in range(0, len(cs), batch):
+        def point(c: float, warm: SolveResult | None = last) -> SolveResult:
+            return solve(problem, lam_from_c(c, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=path_tol,
+                         max_iter=cfg.max_iter, warm=warm)
+
+        done = False
+        for c, res in zip(cs[b0 : b0 + batch], map_lazy(point, cs[b0 : b0 + batch], workers)):
+            last = res if cfg.solver == "fast" else None
+            path.append(assess(res, problem, cfg, n, c, informative))
+            results.append(res)
+            _drop_dominated(path, results)
+            if 2 * path[-1].n_flagged >= n and any(p.admissible for p in path):
+                done = True  # smaller c only moves more blocks into S: the rest is inadmissible
+                break
+        if done:
+            break
+    pick, how = _pick(path, n, fixed=len(cs) == 1)
+    total = spent + int(sum(p.iterations for p in path))
+    if defer_admissible and how == "admissible":
+        return results[pick], PathChoice(path[pick].c, path[pick].lam, mu, how, path, total, deferred=True)
+    res = results[pick]
+    if path_tol > cfg.tol:  # polish the chosen point to full accuracy (warm start)
+        res = solve(problem, path[pick].lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
+                    max_iter=cfg.max_iter, warm=res)
+        path[pick].iterations += res.iterations
+        total += res.iterations
+    return res, PathChoice(path[pick].c, path[pick].lam, mu, how, path, total)
+
+
+def _pick(path: list[PathPoint], n: int, fixed: bool) -> tuple[int, str]:
+    """Index of the chosen point and how it was chosen."""
+    adm = [i for i, p in enumerate(path) if p.admissible]
+    if adm:
+        best = min(path[i].key for i in adm)
+        ties = [i for i in adm if path[i].key == best]
+        return ties[len(ties) // 2], "fixed" if fixed else "admissible"
+    # A flagged majority contradicts the model (contaminated clients are a minority):
+    # prefer minority points, then consistency, then low rank.
+    pick = max(range(len(path)), key=lambda i: (2 * path[i].n_flagged < n, path[i].consistency,
+                                                 -path[i].effective_rank, -path[i].n_flagged))
+    return pick, "fixed" if fixed else "fallback"
+
+
+def _drop_dominated(path: list[PathPoint], results: list) -> None:
+    """Free the arrays of path points that can no longer be picked (memory at LLM sizes).
+
+    Once an admissible point exists, inadmissible points and admissible points with a worse
+    ``(effective rank, flagged count)`` key cannot win; only their metrics are kept.
+    """
+    adm = [i for i, p in enumerate(path) if p.admissible]
+    if not adm:  # only the current fallback choice can still be picked among these
+        keep = max(range(len(path)), key=lambda i: (path[i].consistency, -path[i].effective_rank))
+        for i in range(len(path) - 1):
+            if i != keep:
+                results[i] = None
+        return
+    best = min(path[i].key for i in adm)
+    for i, p in enumerate(path):
+        if results[i] is not None and (not p.admissible or p.key != best):
+            results[i] = None
