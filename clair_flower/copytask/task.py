@@ -12,6 +12,15 @@ Heterogeneity: each partition draws its own token distribution from a Dirichlet 
 *full* content vocabulary and its own sequence length; its train set is small (local-only
 training is noisy) and its held-out test set is drawn from the same distribution, so tokens
 it rarely trains on still appear at test time -- which is where collaboration helps.
+
+Planted structure (``TaskConfig.planted``, off by default): the paper's model on a transformer.
+A shared set ``T`` of ``planted_rank`` (r*) seen content tokens is drawn from ``cfg.seed``; every
+partition copies every token but remaps the tokens of ``T`` by its own derangement of ``T`` (train
+and test: it is that client's task). All partitions share one token distribution (``planted_mass``
+on ``T``, the rest uniform), so benign clients differ from each other only in what they output for
+tokens of ``T``: an r*-dimensional output subspace (the output embeddings of ``T``). A data attack
+(``poison``) then acts on the remapped targets, i.e. mostly outside ``T``. Only the sequence length
+still differs between partitions (the same draw as without planting, so lengths match).
 """
 
 from __future__ import annotations
@@ -47,6 +56,13 @@ class TaskConfig:
     dirichlet_alpha: float = 0.5
     pretrain_vocab_fraction: float = 0.5
     seed: int = 0
+    planted: bool = False
+    """Planted-structure variant (module docstring): clients differ only inside ``T``."""
+    planted_rank: int = 4
+    """r* = |T|, the size of the shared remapped token set (used only when ``planted``)."""
+    planted_mass: float = 0.5
+    """Probability mass of ``T`` in the shared token distribution (only when ``planted``):
+    large enough that 16 training samples show every remapped token several times."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len:
@@ -57,6 +73,14 @@ class TaskConfig:
             raise ValueError("pretrain_vocab_fraction must be in (0, 1]")
         if self.dirichlet_alpha <= 0:
             raise ValueError("dirichlet_alpha must be positive")
+        if self.planted:
+            if not 2 <= self.planted_rank <= self.pretrain_vocab:
+                raise ValueError(
+                    f"planted_rank must be in [2, {self.pretrain_vocab}] (a derangement needs 2 "
+                    f"tokens; T is drawn from the seen vocabulary), got {self.planted_rank}"
+                )
+            if not 0.0 < self.planted_mass < 1.0:
+                raise ValueError(f"planted_mass must be in (0, 1), got {self.planted_mass}")
 
     @property
     def total_vocab(self) -> int:
@@ -137,11 +161,55 @@ def partition_rng(cfg: TaskConfig, partition_id: int, stream: int) -> np.random.
 
 
 def partition_profile(cfg: TaskConfig, partition_id: int) -> tuple[np.ndarray, int]:
-    """A partition's Dirichlet token distribution (full vocab) and its sequence length."""
+    """A partition's token distribution (full vocab) and its sequence length.
+
+    Dirichlet per partition; with ``cfg.planted`` the shared :func:`planted_probs` instead (the
+    Dirichlet is still drawn, so the length is the same as without planting).
+    """
     rng = partition_rng(cfg, partition_id, 0)
     probs = rng.dirichlet(np.full(cfg.vocab_size, cfg.dirichlet_alpha))
     length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
+    if cfg.planted:
+        probs = planted_probs(cfg)
     return probs, length
+
+
+_PLANTED_TAG = 0x504C4E54  # "PLNT": the stream of T, apart from every partition stream
+
+
+def planted_tokens(cfg: TaskConfig) -> np.ndarray:
+    """The shared token set ``T`` (sorted content indices), drawn from the seen vocabulary.
+
+    Seen tokens, because the base model already copies them: the only thing a client must learn
+    on ``T`` is its remap, so the benign differences live in ``T``'s output directions. Depends
+    on ``cfg.seed`` only, so every partition of a run agrees on ``T``.
+    """
+    rng = np.random.default_rng([cfg.seed, _PLANTED_TAG])
+    return np.sort(rng.choice(cfg.pretrain_vocab, size=cfg.planted_rank, replace=False))
+
+
+def planted_mapping(cfg: TaskConfig, partition_id: int) -> np.ndarray:
+    """Lookup table (size ``vocab_size``) of a partition's target map: identity off ``T``, a
+    derangement of ``T`` on it (no token of ``T`` maps to itself, so every client really
+    differs from plain copying there). Deterministic in ``(cfg.seed, partition_id)``."""
+    tokens = planted_tokens(cfg)
+    rng = partition_rng(cfg, partition_id, 4)
+    while True:
+        perm = rng.permutation(tokens.size)
+        if not np.any(perm == np.arange(tokens.size)):
+            break
+    mapping = np.arange(cfg.vocab_size, dtype=np.int64)
+    mapping[tokens] = tokens[perm]
+    return mapping
+
+
+def planted_probs(cfg: TaskConfig) -> np.ndarray:
+    """The shared token distribution of the planted variant: ``planted_mass`` spread evenly
+    over ``T``, the rest evenly over the other content tokens."""
+    tokens = planted_tokens(cfg)
+    probs = np.full(cfg.vocab_size, (1.0 - cfg.planted_mass) / (cfg.vocab_size - tokens.size))
+    probs[tokens] = cfg.planted_mass / tokens.size
+    return probs
 
 
 def sample_copy(
@@ -162,12 +230,17 @@ def make_client_data(
 
     ``num_partitions`` is validated but does not change a partition's data, so a client's
     data is the same whatever the federation size (deterministic in ``(seed, partition_id)``).
+    With ``cfg.planted`` both splits' targets go through :func:`planted_mapping` (the client's
+    task), before ``poison`` sees the train split.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id {partition_id} not in [0, {num_partitions})")
     probs, length = partition_profile(cfg, partition_id)
     x_tr, y_tr = sample_copy(cfg.num_train, length, probs, partition_rng(cfg, partition_id, 1))
     x_te, y_te = sample_copy(cfg.num_test, length, probs, partition_rng(cfg, partition_id, 2))
+    if cfg.planted:
+        mapping = planted_mapping(cfg, partition_id)
+        y_tr, y_te = mapping[y_tr], mapping[y_te]
     if poison is not None:
         x_tr, y_tr = poison(x_tr.copy(), y_tr.copy(), partition_rng(cfg, partition_id, 3))
     tr_in, tr_lab = encode(x_tr, y_tr, cfg.max_len)

@@ -98,3 +98,79 @@ def test_pretrain_batch_uses_seen_vocab_only():
     assert content.max() < CFG.pretrain_vocab
     _, unseen = restricted_eval_set(CFG, 16, seen=False)
     assert (unseen[unseen != IGNORE_INDEX] - NUM_SPECIAL).min() >= CFG.pretrain_vocab
+
+
+# --------------------------------------------------------------------------- planted structure
+
+from clair_flower.copytask.task import planted_mapping, planted_probs, planted_tokens  # noqa: E402
+
+PLANTED = TaskConfig(planted=True, planted_rank=4)
+
+
+def _content(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() - NUM_SPECIAL
+
+
+def test_planted_off_by_default_changes_nothing():
+    assert not CFG.planted
+    a = make_client_data(CFG, 2, 10)
+    b = make_client_data(TaskConfig(planted_rank=6, planted_mass=0.9), 2, 10)
+    assert torch.equal(a.train_labels, b.train_labels) and torch.equal(a.test_labels, b.test_labels)
+
+
+def test_planted_tokens_shared_seen_and_seeded():
+    t = planted_tokens(PLANTED)
+    assert t.size == 4 and len(set(t.tolist())) == 4
+    assert np.all(t < PLANTED.pretrain_vocab)
+    assert np.array_equal(t, planted_tokens(PLANTED))
+    assert not np.array_equal(t, planted_tokens(TaskConfig(planted=True, seed=5)))
+
+
+def test_planted_mapping_is_a_derangement_of_T_and_identity_elsewhere():
+    t = planted_tokens(PLANTED)
+    maps = [planted_mapping(PLANTED, k) for k in range(10)]
+    off = np.setdiff1d(np.arange(PLANTED.vocab_size), t)
+    for m in maps:
+        assert np.array_equal(m[off], off)
+        assert sorted(m[t].tolist()) == t.tolist() and np.all(m[t] != t)
+    assert len({tuple(m[t]) for m in maps}) >= 3  # clients differ, inside T only
+    assert np.array_equal(maps[3], planted_mapping(PLANTED, 3))
+
+
+def test_planted_data_targets_follow_the_client_mapping_and_share_the_distribution():
+    for k in (0, 7):
+        d = make_client_data(PLANTED, k, 10)
+        m = planted_mapping(PLANTED, k)
+        for inp, lab in ((d.train_inputs, d.train_labels), (d.test_inputs, d.test_labels)):
+            mask = lab != IGNORE_INDEX
+            L = d.seq_len
+            x = _content(inp[:, 1 : 1 + L])
+            y = _content(lab[mask].reshape(-1, L))
+            assert np.array_equal(y, m[x])
+        assert np.allclose(d.token_probs, planted_probs(PLANTED))
+        # same sequence length as the natural task of the same seed
+        assert d.seq_len == make_client_data(CFG, k, 10).seq_len
+    p = planted_probs(PLANTED)
+    assert np.isclose(p.sum(), 1.0) and np.isclose(p[planted_tokens(PLANTED)].sum(), PLANTED.planted_mass)
+
+
+def test_planted_poison_sees_remapped_train_targets_only():
+    seen = {}
+
+    def poison(x, y, rng):
+        seen["y"] = y.copy()
+        return x, y[:, ::-1].copy()
+
+    d = make_client_data(PLANTED, 1, 10, poison=poison)
+    clean = make_client_data(PLANTED, 1, 10)
+    L = clean.seq_len
+    mask = clean.train_labels != IGNORE_INDEX
+    assert np.array_equal(seen["y"], _content(clean.train_labels[mask].reshape(-1, L)))
+    assert torch.equal(d.test_labels, clean.test_labels)
+    assert not torch.equal(d.train_labels, clean.train_labels)
+
+
+@pytest.mark.parametrize("kwargs", [dict(planted_rank=1), dict(planted_rank=17), dict(planted_mass=1.0)])
+def test_planted_config_validated(kwargs):
+    with pytest.raises(ValueError):
+        TaskConfig(planted=True, **kwargs)
