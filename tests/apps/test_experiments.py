@@ -63,3 +63,14 @@ def test_cells_shared_by_two_tables_run_once(tmp_path: Path) -> None:
     grid = experiments.load_grid(_grid(tmp_path, text), tmp_path)
     assert sorted(c.name for c in grid.cells) == ["fedavg__reversed__f0.3__r2__s0", "fedavg__reversed__f0__r2__s0",
                                                   "local__reversed__f0.3__r2__s0"]
+
+
+def test_module_entry_point_runs_the_cli() -> None:
+    """``python -m server_apps.experiments`` goes through the package's ``__main__``."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "server_apps.experiments", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "grid file (TOML)" in res.stdout and "--jobs" in res.stdout

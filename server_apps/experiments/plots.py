@@ -1,0 +1,126 @@
+"""The PNG plots of a grid (matplotlib, Agg backend, imported only when a plot is drawn)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, gain_over_local, ordered, pivot,
+                                            select_rows)
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(n: int):  # noqa: ANN202
+    plt = _pyplot()
+    cols = min(n, 3)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def _per_round(rows: Sequence[Mapping[str, object]], key: str) -> tuple[list[int], list[float]]:
+    """Seed-mean of ``key`` per round."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        for rec in r.get("rounds") or []:  # type: ignore[union-attr]
+            if rec.get(key) is not None:
+                by_round.setdefault(int(rec["round"]), []).append(float(rec[key]))
+    xs = sorted(by_round)
+    return xs, [float(np.mean(by_round[x])) for x in xs]
+
+
+def _save(plt, fig, path: Path) -> Path:  # noqa: ANN001
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_per_round(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """Benign token accuracy per round, one line per method, one panel per attack."""
+    attacks = ordered(r["attack"] for r in rows)
+    if not attacks:
+        return None
+    plt, fig, axes = _panels(len(attacks))
+    for ax, attack in zip(axes, attacks):
+        for strat in ordered((r["strategy"] for r in rows if r["attack"] == attack), STRATEGY_ORDER):
+            xs, ys = _per_round(select_rows(rows, attack=attack, strategy=strat), "benign-token-acc")
+            ax.plot(xs, ys, marker="o", ms=3, label=str(strat))
+        ax.set(title=str(attack), xlabel="round", ylabel="benign token accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_detection_per_round(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """TPR (solid) and FPR (dashed) per round for the flagging methods, one panel per attack."""
+    rows = [r for r in rows if r["strategy"] in FLAGGING and r["attack"] != "none"]
+    attacks = ordered(r["attack"] for r in rows)
+    if not attacks:
+        return None
+    plt, fig, axes = _panels(len(attacks))
+    for ax, attack in zip(axes, attacks):
+        for i, strat in enumerate(ordered((r["strategy"] for r in rows if r["attack"] == attack), STRATEGY_ORDER)):
+            sel = select_rows(rows, attack=attack, strategy=strat)
+            color = f"C{i}"
+            ax.plot(*_per_round(sel, "tpr"), marker="o", ms=3, color=color, label=f"{strat} TPR")
+            ax.plot(*_per_round(sel, "fpr"), marker="s", ms=3, ls="--", color=color, label=f"{strat} FPR")
+        ax.set(title=str(attack), xlabel="round", ylim=(-0.05, 1.05))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_accuracy_vs_fraction(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """Final benign token accuracy vs contaminated fraction, one panel per attack."""
+    attacks = ordered(r["attack"] for r in rows)
+    if not attacks:
+        return None
+    plt, fig, axes = _panels(len(attacks))
+    for ax, attack in zip(axes, attacks):
+        sel = [r for r in rows if r["attack"] == attack]
+        fracs, strats, table = pivot(sel, "attack-fraction", "strategy", "final-benign-token-acc",
+                                     col_order=STRATEGY_ORDER)
+        for j, strat in enumerate(strats):
+            ax.plot(fracs, [np.nan if t[j] is None else t[j] for t in table], marker="o", label=str(strat))
+        ax.set(title=str(attack), xlabel="contaminated fraction", ylabel="final benign token accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_gain_vs_rank(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """Each method's gain over local-only vs r/p (p = model width), one line per attack."""
+    methods = [m for m in ordered((r["strategy"] for r in rows), STRATEGY_ORDER) if m != "local"]
+    curves = {(m, a): [(g[2], g[3]) for g in gain_over_local(rows, m) if g[0] == a]
+              for m in methods for a in ordered(r["attack"] for r in rows)}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, attack), pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({attack})",
+                lw=2.5 if method == "clair" else 1.2)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="r / p (LoRA rank / model width)", ylabel="final benign token acc - local",
+           title="gain over local-only vs r/p")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
