@@ -8,7 +8,8 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 
 from server_apps.run_config import ConfigError, RunConfig
 from strategies.local import LocalOnly
-from strategies.screening import ReplyScreen, ScreenedStrategy
+from strategies.screen import ReplyScreen
+from strategies.screened import ScreenedStrategy
 
 
 def assumed_attackers(cfg: RunConfig, num_nodes: int) -> int:

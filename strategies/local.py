@@ -7,7 +7,7 @@ from logging import INFO
 from flwr.supercore import log
 
 from strategies.personalized import PersonalizedLoraStrategy
-from strategies.screening import Upload
+from strategies.uploads import Upload
 
 
 class LocalOnly(PersonalizedLoraStrategy):

@@ -20,9 +20,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from strategies.state import StrategyState
-from strategies.validation import template_of
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
-from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
+from strategies.screen import ReplyScreen, template_of
+from strategies.uploads import ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]
 
@@ -37,18 +37,24 @@ class PersonalizedLoraStrategy(Strategy):
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int
         Lower bounds, as in Flower's FedAvg.
     screen : ReplyScreen, optional
-        Checks applied to every train and evaluate reply before it is used.
+        Checks applied to every train and evaluate reply before it is used (by default one
+        reading ``arrayrecord_key``).
+    arrayrecord_key, configrecord_key : str
+        Record names in the messages sent (FlowerTune convention: ``"arrays"``, ``"config"``).
     """
 
     def __init__(self, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2,
-                 min_available_nodes: int = 2, screen: ReplyScreen | None = None) -> None:
+                 min_available_nodes: int = 2, screen: ReplyScreen | None = None,
+                 arrayrecord_key: str = ARRAYS_KEY, configrecord_key: str = CONFIG_KEY) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
-        self.screen = screen or ReplyScreen()
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.screen = screen or ReplyScreen(arrayrecord_key=arrayrecord_key)
         self.adapters: dict[int, State] = {}
         self.consensus: State | None = None
         self.last_report = ScreenReport()
@@ -101,8 +107,8 @@ class PersonalizedLoraStrategy(Strategy):
         out = []
         for nid in node_ids:
             content = RecordDict({
-                ARRAYS_KEY: to_arrayrecord(self.adapter_for(nid)),
-                CONFIG_KEY: ConfigRecord({**dict(config), "server-round": server_round}),
+                self.arrayrecord_key: to_arrayrecord(self.adapter_for(nid)),
+                self.configrecord_key: ConfigRecord({**dict(config), "server-round": server_round}),
             })
             out.append(Message(content=content, dst_node_id=nid, message_type=message_type,
                                group_id=str(server_round)))

@@ -39,7 +39,8 @@ from strategies.state import CheckpointError, StrategyState
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
 from strategies.personalized import weighted_mean_state
 from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
-from strategies.screening import ReplyScreen, ScreenReport, Upload, common_scalar_metrics
+from strategies.screen import ReplyScreen
+from strategies.uploads import ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]
 FACTORS = ("A", "B")
@@ -105,7 +106,7 @@ class RoLoRA(Strategy):
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.first_factor = first_factor
-        self.screen = ReplyScreen(max_norm_ratio=max_norm_ratio, arrays_key=arrayrecord_key)
+        self.screen = ReplyScreen(max_norm_ratio=max_norm_ratio, arrayrecord_key=arrayrecord_key)
         self.completed_aggregations = 0
         self.factor_sent: dict[int, str] = {}
         self.global_state: State | None = None

@@ -23,7 +23,7 @@ from strategies.clair_rolora import ClairRoLoRA, reproject
 from strategies.personalized import weighted_mean_state
 from strategies.records import from_arrayrecord, to_arrayrecord
 from strategies.rolora import factor_for
-from strategies.screening import Upload
+from strategies.uploads import Upload
 
 TINY = {"local-steps": 2, "num-train": 16, "num-test": 16, "batch-size": 8}
 

@@ -1,0 +1,139 @@
+"""Any Flower strategy behind the reply screen, unchanged.
+
+:class:`ScreenedStrategy` hands Flower's FedAvg, Krum, Bulyan, ... only the replies that pass a
+:class:`~strategies.screen.ReplyScreen`, each rebuilt from the decoded, checked arrays as one
+ArrayRecord and one MetricRecord with the keys all of them share, which is what Flower's FedAvg
+family requires. Flower's own code never decodes a client's bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.supercore import log
+
+from strategies.records import ARRAYS_KEY, METRICS_KEY, to_arrayrecord
+from strategies.screen import ReplyScreen
+from strategies.state import CheckpointError, HasServerState, StrategyState
+from strategies.uploads import ScreenReport, common_scalar_metrics
+
+# Flower strategies whose only state between rounds is the global arrays ``start`` carries
+# (checked against flwr 1.41's source). FedAvgM and the FedOpt family keep momenta: not here.
+STATELESS_FLOWER_STRATEGIES: tuple[type[Strategy], ...] = (FedAvg, FedProx, FedMedian, FedTrimmedAvg,
+                                                           Krum, MultiKrum, Bulyan)
+
+
+class ScreenedStrategy(Strategy):
+    """Any Flower strategy, fed only the replies that pass a :class:`ReplyScreen`.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The wrapped strategy; it sees only screened replies.
+    screen : ReplyScreen, optional
+        The screen; by default one with the record keys below.
+    arrayrecord_key, metricrecord_key : str
+        Record names read from the replies and written into the replies handed on (when
+        ``screen`` is given, its keys are used). The ConfigRecord is the wrapped strategy's
+        business (its own ``configrecord_key``): the wrapper never reads it.
+    """
+
+    def __init__(self, strategy: Strategy, screen: ReplyScreen | None = None, *,
+                 arrayrecord_key: str = ARRAYS_KEY, metricrecord_key: str = METRICS_KEY) -> None:
+        self.strategy = strategy
+        self.screen = screen or ReplyScreen(arrayrecord_key=arrayrecord_key, metricrecord_key=metricrecord_key)
+        self.template: dict[str, tuple[int, ...]] = {}
+        self.last_report = ScreenReport()
+        self.last_eval_rejected: dict[int, str] = {}
+
+    @property
+    def arrayrecord_key(self) -> str:
+        return self.screen.arrayrecord_key
+
+    @property
+    def metricrecord_key(self) -> str:
+        return self.screen.metricrecord_key
+
+    def summary(self) -> None:
+        self.strategy.summary()
+        log(INFO, "\t└──> Reply screen: max norm ratio %g, any rank %s",
+            self.screen.max_norm_ratio, self.screen.any_rank)
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """The wrapped strategy's state: its own export, or none for a stateless Flower one.
+
+        Raises
+        ------
+        CheckpointError
+            If the wrapped strategy keeps state between rounds that cannot be exported.
+        """
+        if isinstance(self.strategy, HasServerState):
+            return self.strategy.export_state()
+        if type(self.strategy) in STATELESS_FLOWER_STRATEGIES:
+            return StrategyState()
+        raise CheckpointError(f"{type(self.strategy).__name__} may keep state between rounds that "
+                              f"cannot be checkpointed (only {', '.join(t.__name__ for t in STATELESS_FLOWER_STRATEGIES)} "
+                              f"or strategies with export_state/restore_state)")
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Hand ``state`` to the wrapped strategy (nothing to restore for a stateless one)."""
+        if isinstance(self.strategy, HasServerState):
+            self.strategy.restore_state(state)
+        elif type(self.strategy) in STATELESS_FLOWER_STRATEGIES:
+            if state.shared or state.per_client or state.meta or state.per_client_meta:
+                raise CheckpointError(f"the checkpoint holds strategy state, but "
+                                      f"{type(self.strategy).__name__} keeps none")
+        else:
+            self.export_state()  # raises the same error as at save time
+
+    # -- rounds ----------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        # The server's own arrays: their declared shapes are the template, nothing to decode.
+        self.template = {k: tuple(int(s) for s in v.shape) for k, v in arrays.items()}
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        report = self.screen.train(replies, self.template)
+        self.last_report = report
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        keys = common_scalar_metrics([u.metrics for u in report.accepted])
+        passed = []
+        for up in report.accepted:
+            msg = by_node[up.node_id]
+            msg.content = RecordDict({
+                self.arrayrecord_key: to_arrayrecord(up.state),
+                self.metricrecord_key: MetricRecord({k: up.metrics[k] for k in keys}),  # type: ignore[misc]
+            })
+            passed.append(msg)
+        arrays, metrics = (None, None)
+        if passed:
+            arrays, metrics = self.strategy.aggregate_train(server_round, passed)
+        metrics = metrics if metrics is not None else MetricRecord()
+        for k, v in report.metrics().items():
+            metrics[k] = v  # type: ignore[assignment]
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        ok, bad = self.screen.evaluate(replies)
+        self.last_eval_rejected = bad
+        keys = common_scalar_metrics([m for _, m in ok])
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        passed = []
+        for nid, metrics in ok:
+            msg = by_node[nid]
+            msg.content = RecordDict({self.metricrecord_key: MetricRecord({k: metrics[k] for k in keys})})  # type: ignore[misc]
+            passed.append(msg)
+        return self.strategy.aggregate_evaluate(server_round, passed) if passed else None
