@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from clair_flower.clair.refinement import POLICIES
 from clair_flower.clair.solvers import FORMS
 
+NO_STRUCTURE_POLICIES = ("mean", "own", "refine")
+
 
 @dataclass(frozen=True)
 class ClairConfig:
@@ -27,6 +29,11 @@ class ClairConfig:
     off-subspace error below a quarter of a typical difference is treated as noise."""
     vote_threshold: float = 0.5
     flagged_policy: str = "consensus"
+    no_structure: str = "mean"
+    """What the trusted clients get when the round found no structure (no module has an
+    admissible point, or the vote is inconclusive): ``"mean"``, the mean of the trusted clients'
+    updates (FedAvg over the unflagged clients); ``"own"``, each its own update unchanged;
+    ``"refine"``, the subspace refinement anyway (the behaviour before this rule existed)."""
     in_subspace_stage: bool = False
     seed: int = 0
     max_iter: int = 3000
@@ -63,6 +70,8 @@ class ClairConfig:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.flagged_policy not in POLICIES:
             raise ValueError(f"flagged_policy must be one of {POLICIES}, got {self.flagged_policy!r}")
+        if self.no_structure not in NO_STRUCTURE_POLICIES:
+            raise ValueError(f"no_structure must be one of {NO_STRUCTURE_POLICIES}, got {self.no_structure!r}")
         if not (self.lam == "auto" or (isinstance(self.lam, (int, float)) and self.lam > 0)):
             raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
         if self.rank is not None and self.rank < 1:

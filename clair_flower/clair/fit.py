@@ -45,6 +45,8 @@ class ModuleFit:
     informative: np.ndarray
     inner: np.ndarray | None
     diagnostics: dict
+    admissible: bool = False
+    """The module's chosen point is admissible (see :mod:`clair_flower.clair.path`)."""
     U: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     rank: int = 0
 
@@ -76,7 +78,7 @@ def fit_module(problem: BlockProblem, t_red: float, res: SolveResult, choice: Pa
                      L_left=L_left, L_right=res.L_right[:k].astype(np.float64),
                      evidence=detection.pair_evidence(res.S_norms, problem.block_norms),
                      informative=detection.informative_pairs(problem.block_norms), inner=problem.inner,
-                     diagnostics=diag)
+                     diagnostics=diag, admissible=choice.admissible)
 
 
 def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair],
@@ -103,7 +105,8 @@ def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Seq
             if first_path is not None and choice.selection == "shared":
                 # the first module at its own pick: its path stays the reported selection
                 choice = PathChoice(first_path.c, first_path.lam, first_path.mu, first_path.selection,
-                                    first_path.path, first_path.iterations_total + choice.iterations_total)
+                                    first_path.path, first_path.iterations_total + choice.iterations_total,
+                                    admissible=first_path.admissible)
             path_seconds = first_path.seconds if first_path is not None else choice.seconds
             return fit_module(problem, t_red, res, choice, path_seconds + time.perf_counter() - t0, cfg.form)
         return checked(run, m)
@@ -156,10 +159,18 @@ def subspace(fit: ModuleFit, benign_pairs: np.ndarray, rank: int | None) -> tupl
 
 
 def set_subspaces(fits: dict[str, ModuleFit], pairs: Sequence[Pair], flagged: np.ndarray,
-                  rank: int | None) -> None:
-    """Fill ``U``/``rank`` of every module from the pairs among non-flagged clients."""
+                  rank: int | None, p: dict[str, int] | None = None) -> None:
+    """Fill ``U``/``rank`` of every module from the pairs among non-flagged clients.
+
+    With ``p`` (module output sizes) every ``U`` is left empty (``p x 0``): the round found no
+    structure, and a subspace taken from it would be meaningless.
+    """
     benign = np.array([not (flagged[k] or flagged[l]) for k, l in pairs])
-    for fit in fits.values():
+    for m, fit in fits.items():
+        if p is not None:
+            fit.U, fit.rank = np.zeros((p[m], 0)), 0
+            fit.diagnostics["rank"] = 0
+            continue
         U, r_hat, s = subspace(fit, benign, rank)
         fit.U, fit.rank = U, r_hat
         fit.diagnostics["subspace_singular_values"] = [float(x) for x in s[: max(r_hat + 5, 10)]]

@@ -1,12 +1,16 @@
 """The lambda path: which ``c`` of ``lam = c / sqrt(|P|)`` a module is solved at.
 
-On the normalised stack, ``c`` runs over the geometric grid of
-:func:`~clair_flower.clair.decomposition.lam_grid` from large to small, warm-started, stopping at
-the first majority-flagged point once an admissible point was seen (smaller ``c`` only moves
-more blocks into ``S``). Path points are solved to :data:`PATH_TOL`, the chosen one to the
+On the normalised stack ``X``, ``c`` runs over a geometric grid between the two ends of the
+program's transition (:func:`transition`): below ``c_all`` the optimum is ``S = X`` (every pair
+flagged), above ``c_none`` it is ``L = X`` (no pair flagged), for any ``N``. The grid is solved
+from large to small ``c``, warm-started, stopping at the first majority-flagged point once an
+admissible point was seen (smaller ``c`` only moves more blocks into ``S``). Path points are solved to :data:`PATH_TOL`, the chosen one to the
 configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
 client set (consistency >= ``1 - consistency_tol``, see
-:func:`~clair_flower.clair.detection.consistency`) and the flagged clients are a strict minority.
+:func:`~clair_flower.clair.detection.consistency`), the flagged clients are a strict minority,
+and ``L`` is below the maximum rank the problem allows (``min`` of the reduced stack's
+dimensions): an ``L`` of maximum rank absorbed every difference, which says "no low-rank
+structure", not "nobody is contaminated".
 Among admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is
@@ -15,13 +19,14 @@ used (``selection = "fallback"``). A float ``lam`` is the constant ``c`` itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from clair_flower.clair import detection
 from clair_flower.clair.config import ClairConfig
-from clair_flower.clair.decomposition import BlockProblem, lam_from_c, lam_grid
+from clair_flower.clair.decomposition import BlockProblem, block_norms, lam_from_c
 from clair_flower.clair.solvers import SolveResult, solve
 from clair_flower.clair.threads import map_lazy
 
@@ -37,6 +42,47 @@ this halves the first module's path, during which no other module can start (the
 its ``c``)."""
 
 
+@dataclass(frozen=True)
+class Transition:
+    """Where the program's optimum changes regime, on the ``c`` scale of ``lam = c / sqrt(|P|)``.
+
+    ``c_all``: at or below it ``S = X`` is optimal (``lam ||N||_2 <= 1`` for the stack ``N``
+    with every block scaled to unit norm). ``c_none``: at or above it ``L = X`` is optimal
+    (``lam >= max_kl ||V_kl||_F`` for ``X = U Sigma V^T``: ``U V^T`` is then a dual certificate).
+    """
+
+    c_all: float
+    c_none: float
+
+    def grid(self, num: int) -> np.ndarray:
+        """``num`` geometric points from ``c_none`` down to ``c_all`` (both ends included)."""
+        lo = max(self.c_all, 1e-6)
+        hi = max(self.c_none, lo * 1.0001)
+        return np.geomspace(hi, lo, max(num, 2))
+
+
+def transition(problem: BlockProblem, rtol: float = 1e-10) -> Transition:
+    """Both ends of the transition from the stack's small Grams (``d x d``, ``d`` = its rows)."""
+    X = problem.X.astype(np.float64, copy=False)
+    n_pairs = len(problem.pairs)
+    e, U = np.linalg.eigh(X @ X.T)
+    keep = e > rtol * max(float(e[-1]), 1e-300)
+    U, s = U[:, keep], np.sqrt(e[keep])
+    V = (U.T @ X) / s[:, None]  # rows of V^T
+    v_norms = block_norms(V, problem.widths)
+    scale = np.repeat(np.divide(1.0, problem.block_norms, out=np.zeros_like(problem.block_norms),
+                                where=problem.block_norms > 0), problem.widths)
+    N = X * scale
+    n_norm = math.sqrt(max(float(np.linalg.eigvalsh(N @ N.T)[-1]), 1e-300))
+    sq = math.sqrt(n_pairs)
+    return Transition(c_all=sq / n_norm, c_none=sq * float(v_norms.max(initial=0.0)))
+
+
+def max_rank(problem: BlockProblem) -> int:
+    """The largest rank any ``L`` of this problem can have."""
+    return int(min(problem.X.shape))
+
+
 @dataclass
 class PathPoint:
     """One solved point of the path and how it was judged."""
@@ -44,6 +90,8 @@ class PathPoint:
     c: float
     lam: float
     effective_rank: int
+    full_rank: bool
+    """``L`` has the maximum rank the problem allows: no low-rank structure at this point."""
     n_flagged: int
     consistency: float
     status: str
@@ -73,11 +121,14 @@ class PathChoice:
     iterations_total: int
     seconds: float = 0.0
     deferred: bool = False
+    admissible: bool = True
+    """The chosen point is admissible (always, but for ``"fallback"`` and an inadmissible
+    ``"fixed"`` point): the module shows the model's structure at it."""
 
     def diagnostics(self) -> dict:
         """JSON values for :class:`~clair_flower.clair.result.ModuleReport`."""
         return {"c": self.c, "lam": self.lam, "mu": self.mu, "selection": self.selection,
-                "path": [asdict(p) for p in self.path], "iterations_total": self.iterations_total}
+                "admissible": self.admissible, "path": [asdict(p) for p in self.path], "iterations_total": self.iterations_total}
 
 
 def effective_rank(sv: np.ndarray, rtol: float) -> int:
@@ -92,9 +143,11 @@ def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c:
     v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
     cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
     nflag = int(v.flagged.sum())
-    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=effective_rank(res.L_sv, cfg.rank_rtol),
+    rank = effective_rank(res.L_sv, cfg.rank_rtol)
+    full = rank >= max_rank(problem)
+    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=rank, full_rank=full,
                      n_flagged=nflag, consistency=cons, status=res.status, iterations=res.iterations,
-                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n)
+                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n and not full)
 
 
 def penalty_weight(problem: BlockProblem, cfg: ClairConfig) -> float | None:
@@ -116,7 +169,7 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
     with ``deferred=True``: the caller polishes it to full accuracy beside the other modules.
     """
     pairs = problem.pairs
-    cs = [float(cfg.lam)] if cfg.lam != "auto" else list(lam_grid(pairs, n, cfg.path_points))[::-1]
+    cs = [float(cfg.lam)] if cfg.lam != "auto" else [float(c) for c in transition(problem).grid(cfg.path_points)]
     mu = penalty_weight(problem, cfg)
     informative = detection.informative_pairs(problem.block_norms)
     spent = 0
@@ -158,7 +211,7 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
                     max_iter=cfg.max_iter, warm=res)
         path[pick].iterations += res.iterations
         total += res.iterations
-    return res, PathChoice(path[pick].c, path[pick].lam, mu, how, path, total)
+    return res, PathChoice(path[pick].c, path[pick].lam, mu, how, path, total, admissible=path[pick].admissible)
 
 
 def _pick(path: list[PathPoint], n: int, fixed: bool) -> tuple[int, str]:

@@ -50,3 +50,7 @@ class ClairResult:
     consensus: dict[str, LoraFactors]
     modules: dict[str, ModuleReport]
     diagnostics: dict = field(default_factory=dict)
+    decision: str = "vote"
+    """Which rule decided the flags: ``"vote"`` (the pair vote, on a round whose decomposition
+    found structure), ``"fallback"`` (no structure or an inconclusive vote: robust outliers of
+    the score) or ``"none"`` (neither flagged anyone)."""

@@ -84,22 +84,30 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
     score_z = detection.robust_z(votes.score)
+    structure = any(fits[m].admissible for m in modules)
     inconclusive = 2 * int(flagged.sum()) >= n
-    if inconclusive:
-        # A flagged majority contradicts the model (contaminated clients are a minority):
-        # the vote is inconclusive, so only robust outliers of the continuous score are flagged.
+    if inconclusive or not structure:
+        # No module shows the model's structure, or a flagged majority contradicts it
+        # (contaminated clients are a minority): the vote decides nothing, and only robust
+        # outliers of the continuous score are flagged.
         flagged = _persistent_outliers(active, score_z, prior_z, cfg)
+    decision = "vote" if structure and not inconclusive else ("fallback" if flagged.any() else "none")
     set_subspaces(fits, pairs, flagged, cfg.rank)
     z_scores = _in_subspace_stage(fac, fits, modules, active, flagged, cfg.z_threshold) if cfg.in_subspace_stage else None
     collab = [i for i in range(n) if not flagged[i]]
     if not collab:
         raise RuntimeError("CLAIR flagged every client; no collaborative set to aggregate")
-    set_subspaces(fits, pairs, flagged, cfg.rank)
+    no_structure_round = decision != "vote" and cfg.no_structure != "refine"
+    set_subspaces(fits, pairs, flagged, cfg.rank, {m: fac[m][active[0]].out_features for m in modules} if no_structure_round else None)
     refined, errors, consensus = _refine(fac, fits, modules, cids, active, zero, collab, cfg)
+    if no_structure_round and cfg.no_structure == "own":
+        for i in collab:
+            refined[active[i]] = {m: fac[m][active[i]] for m in modules}
+            errors[active[i]] = {m: 0.0 for m in modules}
     clients = {}
     for i, c in enumerate(active):
         clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],
-                                  errors[c], reason=_reason(i, votes, flagged, inconclusive),
+                                  errors[c], reason=_reason(i, votes, flagged, decision == "vote"),
                                   in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]),
                                   clean_vote=float(votes.clean_vote[i]), score_z=float(score_z[i]))
     for c in zero:
@@ -114,9 +122,10 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
             "c": {m: reports[m].diagnostics["c"] for m in modules},
             "rank": {m: reports[m].rank for m in modules},
             "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage,
-            "vote_inconclusive": bool(inconclusive)}
+            "vote_inconclusive": bool(inconclusive), "structure": bool(structure), "decision": decision,
+            "trusted_get": "refined" if not no_structure_round else cfg.no_structure}
     return ClairResult(frozenset(c for c in cids if c not in flagged_ids), flagged_ids, clients, consensus,
-                       reports, diag)
+                       reports, diag, decision=decision)
 
 
 def _in_subspace_stage(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], active: list,
@@ -156,8 +165,8 @@ def _refine(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], cids: 
     return refined, errors, consensus
 
 
-def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, inconclusive: bool) -> str:
-    if inconclusive and flagged[i]:
+def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, decided: bool) -> str:
+    if not decided and flagged[i]:
         return "score outlier (vote inconclusive)"
     if votes.flagged[i] and flagged[i]:
         return "off-subspace majority vote"

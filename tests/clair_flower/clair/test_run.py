@@ -251,3 +251,46 @@ def test_first_module_path_shared_by_the_others(workers):
     for m in ("a", "b", "c"):
         np.testing.assert_allclose(res.modules[m].U @ res.modules[m].U.T, ref.modules[m].U @ ref.modules[m].U.T,
                                    atol=1e-9)
+
+
+def test_structured_round_is_decided_by_the_vote():
+    inst = make_instance(n_clients=12, p=32, q=24, frac_contaminated=0.25, noise=0.01, seed=8)
+    res = run_clair(inst.updates)
+    assert res.decision == "vote" and res.diagnostics["structure"]
+    assert res.flagged == inst.contaminated
+    assert all(res.clients[k].reason == "off-subspace majority vote" for k in inst.contaminated)
+
+
+def _unstructured(n: int = 10, seed: int = 0) -> dict:
+    """Full-rank, independent updates: no shared subspace, nobody contaminated in particular."""
+    rng = np.random.default_rng(seed)
+    return {k: {"m0": LoraFactors(rng.standard_normal((4, 20)), rng.standard_normal((24, 4)), 2.0)}
+            for k in range(n)}
+
+
+@pytest.mark.parametrize("policy", ["mean", "own"])
+def test_no_structure_never_projects_on_a_meaningless_subspace(policy):
+    updates = _unstructured()
+    res = run_clair(updates, ClairConfig(no_structure=policy))
+    assert res.decision in ("fallback", "none") and not res.diagnostics["structure"]
+    assert res.modules["m0"].U.shape == (24, 0) and res.diagnostics["trusted_get"] == policy
+    trusted = sorted(res.collaborative_set)
+    mean = np.mean([updates[k]["m0"].dense() for k in trusted], axis=0)
+    for k in trusted:
+        got = res.clients[k].refined["m0"].dense()
+        if policy == "own":
+            np.testing.assert_allclose(got, updates[k]["m0"].dense())
+            assert res.clients[k].truncation_error["m0"] == 0.0
+        else:  # the trusted mean, re-factored to the client's rank (error reported)
+            err = np.linalg.norm(got - mean) / np.linalg.norm(mean)
+            assert err == pytest.approx(res.clients[k].truncation_error["m0"], abs=1e-6)
+
+
+def test_refine_policy_keeps_the_old_behaviour_on_unstructured_rounds():
+    res = run_clair(_unstructured(), ClairConfig(no_structure="refine"))
+    assert res.modules["m0"].U.shape[1] >= 1 and res.diagnostics["trusted_get"] == "refined"
+
+
+def test_unknown_no_structure_policy_is_named():
+    with pytest.raises(ValueError, match="no_structure"):
+        ClairConfig(no_structure="median").validate()
