@@ -13,19 +13,21 @@ import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from clair_flower.copytask.attacks import AttackConfig
-    from clair_flower.copytask.model import LoraSpec, ModelConfig
-    from clair_flower.copytask.task import TaskConfig
-    from clair_flower.copytask.training import TrainConfig
+from clair_flower.clair.config import NO_STRUCTURE_POLICIES, ClairConfig
+from clair_flower.clair.refinement import POLICIES
+from clair_flower.copytask.attacks import ATTACKS, AttackConfig
+from clair_flower.copytask.model import LoraSpec, ModelConfig
+from clair_flower.copytask.task import TaskConfig
+from clair_flower.copytask.training import TrainConfig
 
-STRATEGIES = ("fedavg", "local", "oracle", "clair", "clair-plus", "krum", "multikrum",
-              "fedmedian", "fedtrimmedavg", "bulyan", "ffa-lora", "rolora", "clair-rolora")
+# Defaults live once, in the core's dataclasses; pyproject's [tool.flwr.app.config] repeats
+# them for `flwr run`, and tests/apps/test_run_config.py checks that the two agree.
+_TASK, _MODEL, _LORA, _TRAIN = TaskConfig(), ModelConfig(), LoraSpec(), TrainConfig()
+_ATTACK, _CLAIR = AttackConfig(), ClairConfig()
+
 MODEL_ARCHS = ("gpt2", "llama")
 CLAIR_SOLVERS = ("fast", "reference")
-CLAIR_POLICIES = ("consensus", "local", "zero")
 
 
 class ConfigError(ValueError):
@@ -48,47 +50,52 @@ class RunConfig:
     max_norm_ratio: float = 1000.0
     resume: bool = False
     # task
-    vocab_size: int = 32
-    min_len: int = 4
-    max_len: int = 8
-    num_train: int = 16
-    num_test: int = 128
-    dirichlet_alpha: float = 0.5
+    vocab_size: int = _TASK.vocab_size
+    min_len: int = _TASK.min_len
+    max_len: int = _TASK.max_len
+    num_train: int = _TASK.num_train
+    num_test: int = _TASK.num_test
+    dirichlet_alpha: float = _TASK.dirichlet_alpha
+    planted: bool = _TASK.planted
+    planted_rank: int = _TASK.planted_rank
+    planted_mass: float = _TASK.planted_mass
     # model
-    model_arch: str = "gpt2"
-    model_layers: int = 2
-    model_width: int = 128
-    model_heads: int = 4
+    model_arch: str = _MODEL.arch
+    model_layers: int = _MODEL.n_layer
+    model_width: int = _MODEL.n_embd
+    model_heads: int = _MODEL.n_head
     # LoRA
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
+    lora_rank: int = _LORA.rank
+    lora_alpha: float = _LORA.alpha
     lora_target_modules: str = ""
-    use_rslora: bool = False
+    use_rslora: bool = _LORA.use_rslora
     # local training
-    local_steps: int = 20
-    learning_rate: float = 2e-2
-    batch_size: int = 16
+    local_steps: int = _TRAIN.local_steps
+    learning_rate: float = _TRAIN.lr
+    batch_size: int = _TRAIN.batch_size
     # contamination
-    attack: str = "none"
-    attack_fraction: float = 0.0
-    attack_start_round: int = 1
+    attack: str = _ATTACK.name
+    attack_fraction: float = _ATTACK.fraction
+    attack_start_round: int = _ATTACK.start_round
     attack_strength: float = 0.0
-    attack_seed: int = 0
+    attack_seed: int = _ATTACK.seed
     # CLAIR
     clair_rank: int = 0
-    clair_solver: str = "fast"
-    clair_lambda: str = "auto"
-    clair_policy: str = "consensus"
+    clair_solver: str = _CLAIR.solver
+    clair_lambda: str = str(_CLAIR.lam)
+    clair_policy: str = _CLAIR.flagged_policy
+    clair_no_structure: str = _CLAIR.no_structure
     # robust baselines: attackers assumed by Krum/Bulyan/trimmed mean (-1: from attack-fraction)
     num_malicious: int = -1
 
     def __post_init__(self) -> None:
-        _one_of("strategy", self.strategy, STRATEGIES)
+        from server_apps.strategy_factory import BUILDERS  # the strategy names are the builders'
+
+        _one_of("strategy", self.strategy, tuple(BUILDERS))
         _one_of("model-arch", self.model_arch, MODEL_ARCHS)
         _one_of("clair-solver", self.clair_solver, CLAIR_SOLVERS)
-        _one_of("clair-policy", self.clair_policy, CLAIR_POLICIES)
-        from clair_flower.copytask.attacks import ATTACKS
-
+        _one_of("clair-policy", self.clair_policy, POLICIES)
+        _one_of("clair-no-structure", self.clair_no_structure, NO_STRUCTURE_POLICIES)
         _one_of("attack", self.attack, ATTACKS)
         for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
                     "model-layers", "model-width", "model-heads", "lora-rank", "local-steps",
@@ -192,11 +199,10 @@ def _coerce(key: str, value: object, typ: object) -> object:
 # -- the core's own config objects, built from one validated RunConfig ------------------------
 
 def task_config(cfg: RunConfig) -> TaskConfig:
-    from clair_flower.copytask.task import TaskConfig
-
     return TaskConfig(vocab_size=cfg.vocab_size, min_len=cfg.min_len, max_len=cfg.max_len,
                       num_train=cfg.num_train, num_test=cfg.num_test,
-                      dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+                      dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed, planted=cfg.planted,
+                      planted_rank=cfg.planted_rank, planted_mass=cfg.planted_mass)
 
 
 def base_task_config(cfg: RunConfig) -> TaskConfig:
@@ -206,27 +212,21 @@ def base_task_config(cfg: RunConfig) -> TaskConfig:
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:
-    from clair_flower.copytask.model import ModelConfig
-
     return ModelConfig(arch=cfg.model_arch, n_layer=cfg.model_layers, n_embd=cfg.model_width,
                        n_head=cfg.model_heads, max_positions=max(64, 2 * cfg.max_len + 2))
 
 
 def lora_spec(cfg: RunConfig) -> LoraSpec:
-    from clair_flower.copytask.model import LoraSpec
-
     return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                     target_modules=cfg.target_modules or (), use_rslora=cfg.use_rslora)
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
-    from clair_flower.copytask.training import TrainConfig
-
     return TrainConfig(local_steps=cfg.local_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size)
 
 
 def attack_config(cfg: RunConfig) -> AttackConfig:
-    from clair_flower.copytask.attacks import AttackConfig, UnknownAttackError
+    from clair_flower.copytask.attacks import UnknownAttackError
 
     kwargs: dict[str, object] = dict(name=cfg.attack, fraction=cfg.attack_fraction,
                                      start_round=cfg.attack_start_round, seed=cfg.attack_seed)

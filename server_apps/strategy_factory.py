@@ -39,7 +39,8 @@ def _clair(cfg: RunConfig, num_nodes: int, plus: bool = False) -> Strategy:
     kwargs["min_available_nodes"] = max(3, cfg.min_nodes)
     return ClairStrategy(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
                          rank=cfg.clair_rank or None, solver=cfg.clair_solver, lam=lam,
-                         flagged_policy=cfg.clair_policy, in_subspace_stage=plus, seed=cfg.seed,
+                         flagged_policy=cfg.clair_policy, no_structure=cfg.clair_no_structure,
+                         in_subspace_stage=plus, seed=cfg.seed,
                          max_norm_ratio=cfg.max_norm_ratio, **kwargs)  # type: ignore[arg-type]
 
 

@@ -18,13 +18,16 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore import log
 
-from strategies.state import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import factors_from_state_dict, factors_to_state_dict
-from strategies.validation import template_of
 from strategies.personalized import PersonalizedLoraStrategy
 from strategies.records import from_arrayrecord
 from strategies.screening import ReplyScreen, Upload
+from strategies.state import StrategyState
+from strategies.validation import template_of
+
+DECISIONS = ("vote", "fallback", "none")
+"""Which rule decided a round's flags (see :attr:`clair_flower.clair.ClairResult.decision`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class ClairStrategy(PersonalizedLoraStrategy):
         block scale; a client when more than ``vote_threshold`` of its pairs are flagged.
     flagged_policy : {"consensus", "local", "zero"}
         What a flagged client is sent back; its upload is never used for anyone else.
+    no_structure : {"mean", "own", "refine"}
+        What the trusted clients get in a round whose decomposition found no structure (the
+        vote decided nothing): the trusted clients' mean, their own update, or the subspace
+        refinement anyway.
     in_subspace_stage : bool
         Add the robust median/MAD test on in-subspace coefficients (CLAIR+), which also
         catches sign flip, scaling and IPM.
@@ -66,7 +73,8 @@ class ClairStrategy(PersonalizedLoraStrategy):
     def __init__(self, *, lora_alpha: float, use_rslora: bool = False, rank: int | None = None,
                  solver: str = "fast", form: str = "constrained", lam: str | float = "auto",
                  flag_threshold: float | None = None, vote_threshold: float = 0.5,
-                 flagged_policy: str = "consensus", in_subspace_stage: bool = False,
+                 flagged_policy: str = "consensus", no_structure: str = "mean",
+                 in_subspace_stage: bool = False,
                  pairs: str = "all", seed: int = 0, max_norm_ratio: float = 1e3,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 3, min_evaluate_nodes: int = 2,
@@ -79,7 +87,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
         self.use_rslora = use_rslora
         cfg_kwargs: dict[str, object] = dict(rank=rank, solver=solver, form=form, lam=lam,
                                              pairs=pairs, vote_threshold=vote_threshold,
-                                             flagged_policy=flagged_policy,
+                                             flagged_policy=flagged_policy, no_structure=no_structure,
                                              in_subspace_stage=in_subspace_stage, seed=seed)
         if flag_threshold is not None:
             cfg_kwargs["flag_threshold"] = flag_threshold
@@ -94,7 +102,8 @@ class ClairStrategy(PersonalizedLoraStrategy):
             c.solver, c.form, c.lam)
         log(INFO, "\t├──> Detection: pairs %s, flag threshold %s, vote > %.2f, in-subspace stage %s",
             c.pairs, c.flag_threshold, c.vote_threshold, c.in_subspace_stage)
-        log(INFO, "\t├──> Flagged clients get: %s", c.flagged_policy)
+        log(INFO, "\t├──> Flagged clients get: %s; trusted clients of a round without structure: %s",
+            c.flagged_policy, c.no_structure)
         super().summary()
 
     # -- checkpoint ------------------------------------------------------------------------
@@ -147,6 +156,9 @@ class ClairStrategy(PersonalizedLoraStrategy):
                 type(err).__name__, err)
             return {"clair-fallback": 1, "num-flagged": 0}
         seconds = time.perf_counter() - t0
+        log(INFO, "CLAIR round %d: decided by %s, flagged %s, trusted clients get %s, %.2f s", server_round,
+            result.decision, sorted(result.flagged) or "none", result.diagnostics.get("trusted_get", "refined"),
+            seconds)
         for nid, client in result.clients.items():
             self.adapters[nid] = factors_to_state_dict(client.refined)
             self.flag_history.setdefault(nid, []).append(int(client.flagged))
@@ -165,6 +177,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
             log(WARNING, "CLAIR solver status this round: %s", sorted(set(statuses)))
         return {
             "clair-fallback": 0,
+            **{f"decided-by-{d}": int(result.decision == d) for d in DECISIONS},
             "num-flagged": len(result.flagged),
             "flagged-node-ids": sorted(result.flagged),
             "node-ids": nids,

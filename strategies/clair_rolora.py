@@ -54,6 +54,7 @@ from strategies.state import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
 from strategies.personalized import weighted_mean_state
+from strategies.clair import DECISIONS
 from strategies.rolora import RoLoRA, State
 from strategies.screening import Upload
 
@@ -175,6 +176,8 @@ class ClairRoLoRA(RoLoRA):
             log(WARNING, "CLAIR failed this round (%s): round skipped", err)
             return None, {"clair-fallback": 1, "num-flagged": 0}
         seconds = time.perf_counter() - t0
+        log(INFO, "CLAIR-RoLoRA round %d (%s): decided by %s, flagged %s, %.2f s", server_round, factor,
+            result.decision, sorted(result.flagged) or "none", seconds)
         for u in uploads:
             self.flag_history.setdefault(u.node_id, []).append(int(u.node_id in result.flagged))
         benign = [u for u in uploads if u.node_id not in result.flagged]
@@ -193,6 +196,7 @@ class ClairRoLoRA(RoLoRA):
     def _metrics(result: ClairResult, uploads: list[Upload], seconds: float) -> dict[str, object]:
         nids = [u.node_id for u in uploads]
         return {"clair-fallback": 0, "num-flagged": len(result.flagged),
+                **{f"decided-by-{d}": int(result.decision == d) for d in DECISIONS},
                 "flagged-node-ids": sorted(result.flagged), "node-ids": nids,
                 "votes": [float(result.clients[n].vote) for n in nids],
                 "scores": [float(result.clients[n].score) for n in nids],

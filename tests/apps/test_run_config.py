@@ -30,3 +30,30 @@ def test_pyproject_defaults_match_runconfig() -> None:
 def test_bad_values_name_the_key(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping({key: value})
+
+
+def test_defaults_are_the_core_dataclasses_defaults() -> None:
+    """RunConfig takes its defaults from the core's config objects: one place to change them."""
+    from clair_flower.clair.config import ClairConfig
+    from clair_flower.copytask.model import LoraSpec
+    from clair_flower.copytask.task import TaskConfig
+    from clair_flower.copytask.training import TrainConfig
+    from server_apps.run_config import lora_spec, task_config, train_config
+
+    cfg = RunConfig()
+    assert task_config(cfg) == TaskConfig()
+    assert lora_spec(cfg) == LoraSpec()
+    assert train_config(cfg) == TrainConfig()
+    assert (cfg.clair_policy, cfg.clair_no_structure, cfg.clair_solver) == (
+        ClairConfig().flagged_policy, ClairConfig().no_structure, ClairConfig().solver)
+
+
+def test_strategy_names_are_the_builders() -> None:
+    from server_apps.strategy_factory import BUILDERS
+
+    for name in BUILDERS:
+        assert RunConfig(strategy=name).strategy == name
+    with pytest.raises(ConfigError, match="clair-rolora"):
+        RunConfig(strategy="clair2")
+    with pytest.raises(ConfigError, match="clair-no-structure"):
+        RunConfig(clair_no_structure="median")
