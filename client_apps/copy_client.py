@@ -12,6 +12,7 @@ The base model is built or loaded from the on-disk cache on the client and never
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Mapping
@@ -21,7 +22,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clair_flower.copytask import attacks
-from server_apps.run_config import RunConfig, attack_config, base_task_config, lora_spec, model_config, task_config, train_config
+from server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config, task_config, train_config
+from server_apps.run_config import attack_config as _run_attack_config
 from clair_flower.copytask.model import load_base_model, wrap_lora
 from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
 from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_client_data
@@ -59,8 +61,16 @@ def partition(context: Context) -> tuple[int, int]:
                          f"--node-config 'partition-id=<i> num-partitions=<n>'") from None
 
 
+def attack_config(cfg: RunConfig) -> attacks.AttackConfig:
+    """The run's attack, with the run ``seed`` as ``run_seed``: the contaminated partitions
+    are drawn from ``seed`` and ``attack-seed`` together (see
+    :func:`clair_flower.copytask.attacks.contaminated_partitions`)."""
+    return dataclasses.replace(_run_attack_config(cfg), run_seed=cfg.seed)
+
+
 def is_contaminated(cfg: RunConfig, context: Context) -> bool:
-    """Contaminated if the node config says so (deployment) or the attack seed picks it."""
+    """Contaminated if the node config says so (deployment), else if the draw from the run
+    ``seed`` and ``attack-seed`` picks its partition."""
     if "contaminated" in context.node_config:
         return bool(context.node_config["contaminated"])
     pid, n = partition(context)

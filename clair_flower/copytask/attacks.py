@@ -133,8 +133,13 @@ class AttackConfig:
         and every robust baseline's, needs a benign majority.
     start_round : first server round (1-based) in which contaminated clients attack.
     strength : per-attack meaning (module docstring table); ``None`` or NaN = default.
-    seed : seeds the choice of partitions and every shared random object (permutation,
-        backdoor target, colluder direction), so all attackers of a run agree on them.
+    seed : the run config's ``attack-seed``. Seeds every shared random object (permutation,
+        backdoor target, colluder direction), so all attackers of a run agree on them, and,
+        with ``run_seed``, the choice of partitions.
+    run_seed : the run config's ``seed``. The contaminated partitions are drawn from
+        ``seed`` and ``run_seed`` together (:func:`contaminated_partitions`), so a new run
+        seed also changes who attacks; the attack itself (permutation, target, direction)
+        depends on ``seed`` alone.
     """
 
     name: str = "none"
@@ -142,6 +147,7 @@ class AttackConfig:
     start_round: int = 1
     strength: float | None = None
     seed: int = 0
+    run_seed: int = 0
 
     def __post_init__(self) -> None:
         name = _normalise_name(self.name)
@@ -154,6 +160,8 @@ class AttackConfig:
             raise ValueError(f"start_round must be an integer >= 1, got {self.start_round}")
         if int(self.seed) != self.seed or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if int(self.run_seed) != self.run_seed or self.run_seed < 0:
+            raise ValueError(f"run_seed must be a non-negative integer, got {self.run_seed}")
         strength = self.strength
         if strength is not None and math.isnan(float(strength)):
             strength = None
@@ -222,8 +230,12 @@ def contaminated_partitions(num_partitions: int, cfg: AttackConfig) -> frozenset
     """The ground-truth contaminated partition ids.
 
     ``round(fraction * N)`` (half up, capped to a strict minority) ids, the first ones of a
-    permutation of ``range(N)`` seeded by ``cfg.seed``: deterministic, and nested as the
-    fraction grows. Empty for ``name == "none"``.
+    permutation of ``range(N)`` seeded by ``cfg.seed`` (the ``attack-seed``) and
+    ``cfg.run_seed`` (the run ``seed``) together: deterministic, different for a different
+    value of either, and nested as the fraction grows. Empty for ``name == "none"``.
+    ``run_seed`` 0 draws exactly as before it existed (the entropy is ``(seed, tag)``, and
+    ``(seed, tag, run_seed)`` otherwise), so runs recorded with ``seed = 0`` keep their
+    partitions.
     """
     n = int(num_partitions)
     if n < 0:
@@ -231,7 +243,8 @@ def contaminated_partitions(num_partitions: int, cfg: AttackConfig) -> frozenset
     if cfg.name == "none" or n == 0:
         return frozenset()
     count = min(math.floor(cfg.fraction * n + 0.5), (n - 1) // 2)
-    order = _rng(cfg.seed, _TAG_PARTITIONS).permutation(n)
+    extra = (cfg.run_seed,) if cfg.run_seed else ()
+    order = _rng(cfg.seed, _TAG_PARTITIONS, *extra).permutation(n)
     return frozenset(int(i) for i in order[:count])
 
 

@@ -89,6 +89,22 @@ def test_contaminated_partitions_deterministic_count_and_seeded():
     assert contaminated_partitions(20, AttackConfig(name="alie", fraction=0.1, seed=1)) <= first
 
 
+def test_run_seed_changes_who_attacks_and_only_that():
+    """Partitions come from the run ``seed`` and ``attack-seed`` together; run seed 0 draws as before."""
+    base = AttackConfig(name="random", fraction=0.3, seed=0)
+    assert contaminated_partitions(10, base) == {2, 4, 6}  # the README demo's partitions (seed 0)
+    drawn = {contaminated_partitions(10, AttackConfig(name="random", fraction=0.3, seed=0, run_seed=s))
+             for s in range(1, 6)}
+    assert any(d != contaminated_partitions(10, base) for d in drawn)
+    assert all(len(d) == 3 for d in drawn)
+    cfg = AttackConfig(name="random", fraction=0.3, seed=0, run_seed=1)
+    assert contaminated_partitions(10, cfg) == contaminated_partitions(10, cfg)  # deterministic
+    assert (contaminated_partitions(10, AttackConfig(name="random", fraction=0.3, seed=5, run_seed=1))
+            != contaminated_partitions(10, cfg))  # the attack seed still counts
+    with pytest.raises(ValueError, match="run_seed"):
+        AttackConfig(name="random", run_seed=-1)
+
+
 # ------------------------------------------------------------------ model attacks
 
 
@@ -317,3 +333,20 @@ def test_token_id_offset_and_index_mixup():
     assert backdoor_trigger(V, first) == backdoor_trigger(V) + first == first + V - 1
     with pytest.raises(ValueError, match="token ids"):
         data_poison(cfg, V, first)(x, y, np.random.default_rng(0))  # indices 0..2 present
+
+
+def test_changing_the_run_seed_changes_who_attacks_in_the_client_app():
+    """Through the ClientApp's own decision: same ``attack-seed``, another ``seed``."""
+    from flwr.app import Context, RecordDict
+
+    from client_apps.copy_client import is_contaminated
+    from server_apps.run_config import RunConfig
+
+    def attackers(seed: int) -> set[int]:
+        cfg = RunConfig.from_mapping({"attack": "random", "attack-fraction": 0.3, "seed": seed})
+        return {p for p in range(10) if is_contaminated(cfg, Context(
+            run_id=1, node_id=p + 1, node_config={"partition-id": p, "num-partitions": 10},
+            state=RecordDict(), run_config={}))}
+
+    assert attackers(0) == {2, 4, 6}  # unchanged for seed 0 (the README demo)
+    assert len(attackers(1)) == 3 and attackers(1) != attackers(0)
