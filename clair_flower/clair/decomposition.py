@@ -1,6 +1,6 @@
 """The CLAIR program for one module: pair set, stacked differences, lambda rule, objectives.
 
-Step 1 and 2 of DESIGN section 3. For clients ``k`` with updates ``dW_k = s_k B_k A_k`` and a
+Steps 1 and 2 of ``docs/DESIGN.md`` section 3. For clients ``k`` with updates ``dW_k = s_k B_k A_k`` and a
 pair set ``P``, ``M = [D_kl]_{(k,l) in P}`` with ``D_kl = dW_k - dW_l`` (p x q|P|). The program is
 
 * constrained: ``min ||L||_* + lam * sum_kl ||S_kl||_F  s.t.  L + S = M``;

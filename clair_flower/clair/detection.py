@@ -12,7 +12,7 @@
   continuous ``score_k`` is the mean ``e_kl`` over them. The decision uses the majority over the
   pairs whose partner is not itself flagged (``clean_vote``, iterated from the plain majority; see
   :func:`majority_vote`): needed for sampled pair sets, identical to the plain vote otherwise.
-* In-subspace second stage (optional, DESIGN "Known blind spot"): the off-subspace test cannot see
+* In-subspace second stage (optional, ``docs/DESIGN.md`` section 3, CLAIR+): the off-subspace test cannot see
   attacks inside ``span(U)`` (sign flip, scaling, IPM). On the coefficients ``c_k = U^T dW_k`` of
   the clients still in the collaborative set, a robust z-score of ``||c_k - median_j c_j||``
   (median/MAD across clients, joint over modules) above ``z_threshold`` flags the client.

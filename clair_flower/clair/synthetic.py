@@ -1,4 +1,4 @@
-"""Synthetic instances of the CLAIR model (DESIGN section 3), given as LoRA factors.
+"""Synthetic instances of the CLAIR model (``docs/DESIGN.md`` section 3), given as LoRA factors.
 
 Benign clients follow ``dW_k = C + U V_k^T + E_k``: a common low-rank component ``C`` (it
 cancels in pairwise differences), a shared column space ``U`` (p x r*) with client-specific
@@ -90,7 +90,7 @@ def make_instance(
         ``random`` (independent random rank-r updates of the benign norm), ``colluders`` (all
         contaminated clients upload one identical random update), ``sign_flip`` and ``scale``
         (of the client's own coefficients ``V_k`` on ``U``: the update stays in the benign model's
-        span, the DESIGN's blind spot), ``ipm`` (``-attack_strength/10`` times
+        span, the off-subspace test's blind spot), ``ipm`` (``-attack_strength/10`` times
         the benign mean).
     client_ranks
         Per-client LoRA rank (heterogeneous ranks); default ``common+shared+noise`` ranks.

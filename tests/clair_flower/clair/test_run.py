@@ -1,4 +1,4 @@
-"""Property tests of the public API on the synthetic model (DESIGN section 3 claims)."""
+"""Property tests of the public API on the synthetic model (docs/DESIGN.md section 3 claims)."""
 
 import numpy as np
 import pytest
