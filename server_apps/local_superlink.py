@@ -2,15 +2,18 @@
 
 ``flwr run .`` leaves a SuperLink running after the run. It is found by the ``FLWR_HOME``
 in its environment (each run of ours uses its own), and stopped by pid, never by name, so
-other Flower processes on the machine are left alone.
+other Flower processes on the machine are left alone (:func:`server_apps.processes.stop_pids`:
+SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
+
+from server_apps.processes import stop_pids
+
+__all__ = ["stop_pids", "superlink_pids"]
 
 
 def superlink_pids(flwr_home: str | os.PathLike) -> list[int]:
@@ -29,25 +32,3 @@ def superlink_pids(flwr_home: str | os.PathLike) -> list[int]:
         except OSError:
             continue
     return pids
-
-
-def stop_pids(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL whatever is still alive after ``grace`` seconds."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + grace
-    for pid in pids:
-        while time.time() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
