@@ -35,7 +35,7 @@ free-rider   0: ``dW = 0`` (``B = 0``); 1: re-uploads    nothing                
 ===========  ==========================================  =====================  ==========
 
 "Inside the benign subspace" means the column space of the uploaded ``dW`` lies in the span of
-benign updates, so CLAIR's off-subspace test (DESIGN.md section 3, *Known blind spot*) cannot see
+benign updates, so CLAIR's off-subspace test (docs/DESIGN.md section 3, *CLAIR+*) cannot see
 it; only a second, in-subspace stage (robust median/MAD of the coefficients) can.  ALIE is
 applied coordinate-wise to the factors, so its ``B`` is in the benign span only approximately
 (exactly when benign ``B``'s differ along one direction).
