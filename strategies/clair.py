@@ -21,10 +21,9 @@ from flwr.supercore import log
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import factors_from_state_dict, factors_to_state_dict
 from strategies.personalized import PersonalizedLoraStrategy
-from strategies.records import from_arrayrecord
-from strategies.screening import ReplyScreen, Upload
+from strategies.screen import ReplyScreen, template_of
 from strategies.state import StrategyState
-from strategies.validation import template_of
+from strategies.uploads import Upload
 
 DECISIONS = ("vote", "fallback", "none")
 """Which rule decided a round's flags (see :attr:`clair_flower.clair.ClairResult.decision`)."""
@@ -192,9 +191,10 @@ class ClairStrategy(PersonalizedLoraStrategy):
 
 
 def _first_template(replies: list[Message], screen: ReplyScreen) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the first reply carrying an ArrayRecord under the screen's key."""
+    """Keys and declared shapes of the first reply carrying an ArrayRecord under the screen's
+    key (read from the arrays' headers: nothing is decoded outside the screen)."""
     for msg in replies:
-        if not msg.has_error() and screen.arrays_key in msg.content.array_records:
-            return template_of(from_arrayrecord(msg.content.array_records[screen.arrays_key]))
+        if not msg.has_error() and screen.arrayrecord_key in msg.content.array_records:
+            return {k: tuple(v.shape) for k, v in msg.content.array_records[screen.arrayrecord_key].items()}
     return {}
 

@@ -50,13 +50,13 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.supercore import log
 
-from strategies.state import StrategyState
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
-from strategies.personalized import weighted_mean_state
 from strategies.clair import DECISIONS
+from strategies.personalized import weighted_mean_state
 from strategies.rolora import RoLoRA, State
-from strategies.screening import Upload
+from strategies.state import StrategyState
+from strategies.uploads import Upload
 
 
 def _gram_norm(left: np.ndarray, right: np.ndarray) -> float:

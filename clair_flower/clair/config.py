@@ -47,6 +47,11 @@ class ClairConfig:
     """Inconclusive vote: a client is also flagged when the mean of its score's robust z over
     this round and its last ``z_memory - 1`` rounds (``prior_z`` of ``run_clair``) is above
     ``z_threshold``, so a persistent outlier is not lost to one round's dip."""
+    structure_ratio: float = 0.25
+    """A path point shows structure when 90% of its ``L``'s energy lies in at most this fraction
+    of the largest rank the clients' updates could span, ``min(p, sum_k r_k)``. Benign-difference stacks of
+    real LoRA updates of the copy task need 30-75% (docs/identification.md); the synthetic model
+    with a shared subspace needs ``r* / sum_k r_k``, 10% in the tests."""
     rank_rtol: float = 0.05
     consistency_tol: float = 0.02
     path_points: int = 12
@@ -76,6 +81,8 @@ class ClairConfig:
             raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be None or >= 1, got {self.rank}")
+        if not 0.0 < self.structure_ratio <= 1.0:
+            raise ValueError(f"structure_ratio must be in (0, 1], got {self.structure_ratio}")
         if self.z_memory < 1:
             raise ValueError(f"z_memory must be >= 1, got {self.z_memory}")
         if self.workers is not None and self.workers < 1:

@@ -6,6 +6,9 @@
   the Frobenius norm of the pair's ``S`` over all modules after each module is put on its own
   block scale, divided by ``sqrt(#modules)``. A pair is flagged when ``e_kl > flag_threshold``.
   Averaging dilutes an attack confined to a few modules of many: documented limitation.
+* Distance score: the same mean, with ``||M_kl||`` (the raw difference) in place of ``||S_kl||``:
+  a client's mean distance to the others on each module's block scale. It needs no structure,
+  so it is what a round without structure flags on (robust outliers of it).
 * Votes: pairs whose difference is numerically zero (``||M_kl|| <= 1e-9`` block scale, e.g. two
   colluders uploading the same update) carry no evidence and are left out of both the vote and the
   consistency check. ``vote_k`` = flagged fraction of client k's informative pairs; the
@@ -50,6 +53,11 @@ def combine_modules(evidence: Sequence[np.ndarray]) -> np.ndarray:
     """Joint group norm over modules: ``sqrt(mean_m e_kl(m)^2)``."""
     E = np.stack([np.asarray(e, dtype=np.float64) for e in evidence])
     return np.sqrt(np.mean(E**2, axis=0))
+
+
+def client_scores(pairs: Sequence[Pair], n: int, evidence: np.ndarray, informative: np.ndarray) -> np.ndarray:
+    """Mean evidence of each client's informative pairs (0 for a client with none)."""
+    return _fractions(pairs, n, np.zeros(len(pairs)), evidence, lambda i, o: informative[i])[1]
 
 
 @dataclass

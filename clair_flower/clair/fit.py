@@ -42,6 +42,8 @@ class ModuleFit:
     L_left: np.ndarray
     L_right: np.ndarray
     evidence: np.ndarray
+    distance: np.ndarray
+    """``||M_kl|| / block scale``: the evidence of the point ``S = M`` (no structure assumed)."""
     informative: np.ndarray
     inner: np.ndarray | None
     diagnostics: dict
@@ -63,6 +65,7 @@ def build_problem(cf: ClientFactors, pairs: Sequence[Pair], cfg: ClairConfig) ->
     """Step 1 for one module: the stacked differences (reduced for the fast solver), and seconds."""
     t0 = time.perf_counter()
     problem = dense_problem(cf, pairs) if cfg.solver == "reference" else reduced_problem(cf, pairs)
+    problem.info["span_rank"] = int(min(cf.B[0].shape[0], sum(cf.ranks)))
     return problem, time.perf_counter() - t0
 
 
@@ -77,6 +80,7 @@ def fit_module(problem: BlockProblem, t_red: float, res: SolveResult, choice: Pa
     return ModuleFit(offsets=problem.offsets, lifted=np.asarray(problem.lift_left(L_left), dtype=np.float64),
                      L_left=L_left, L_right=res.L_right[:k].astype(np.float64),
                      evidence=detection.pair_evidence(res.S_norms, problem.block_norms),
+                     distance=detection.pair_evidence(problem.block_norms, problem.block_norms),
                      informative=detection.informative_pairs(problem.block_norms), inner=problem.inner,
                      diagnostics=diag, admissible=choice.admissible)
 

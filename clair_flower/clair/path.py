@@ -8,9 +8,11 @@ admissible point was seen (smaller ``c`` only moves more blocks into ``S``). Pat
 configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
 client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.clair.detection.consistency`), the flagged clients are a strict minority,
-and ``L`` is below the maximum rank the problem allows (``min`` of the reduced stack's
-dimensions): an ``L`` of maximum rank absorbed every difference, which says "no low-rank
-structure", not "nobody is contaminated".
+and ``L`` is low-rank: 90% of its energy lies in at most ``structure_ratio`` times the largest
+rank the clients' updates could span, ``min(p, sum_k r_k)``. An ``L`` spread over that whole
+span absorbed every difference, which says "no low-rank
+structure", not "nobody is contaminated" (the top of the path, ``L = M``, is such a point
+unless ``M`` itself is low-rank).
 Among admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is
@@ -79,8 +81,15 @@ def transition(problem: BlockProblem, rtol: float = 1e-10) -> Transition:
 
 
 def max_rank(problem: BlockProblem) -> int:
-    """The largest rank any ``L`` of this problem can have."""
-    return int(min(problem.X.shape))
+    """The largest rank the clients' updates could span, ``min(p, sum_k r_k)`` (``info
+    ["span_rank"]``, set when the problem is built), else the stack's smaller dimension."""
+    return int(problem.info.get("span_rank", min(problem.X.shape)))
+
+
+def energy_rank(sv: np.ndarray, energy: float = 0.9) -> int:
+    """How many leading singular values hold ``energy`` of ``sum sv^2`` (0 for ``L = 0``)."""
+    e = np.cumsum(np.asarray(sv, dtype=np.float64) ** 2)
+    return int(np.searchsorted(e, energy * e[-1]) + 1) if e.size and e[-1] > 0 else 0
 
 
 @dataclass
@@ -90,8 +99,10 @@ class PathPoint:
     c: float
     lam: float
     effective_rank: int
-    full_rank: bool
-    """``L`` has the maximum rank the problem allows: no low-rank structure at this point."""
+    energy_rank: int
+    """Singular values of ``L`` holding 90% of its energy."""
+    structured: bool
+    """``energy_rank <= structure_ratio * max_rank``: ``L`` is low-rank in the clients' span."""
     n_flagged: int
     consistency: float
     status: str
@@ -143,11 +154,12 @@ def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c:
     v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
     cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
     nflag = int(v.flagged.sum())
-    rank = effective_rank(res.L_sv, cfg.rank_rtol)
-    full = rank >= max_rank(problem)
-    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=rank, full_rank=full,
-                     n_flagged=nflag, consistency=cons, status=res.status, iterations=res.iterations,
-                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n and not full)
+    k90 = energy_rank(res.L_sv)
+    structured = k90 <= cfg.structure_ratio * max_rank(problem)
+    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=effective_rank(res.L_sv, cfg.rank_rtol),
+                     energy_rank=k90, structured=structured, n_flagged=nflag, consistency=cons,
+                     status=res.status, iterations=res.iterations,
+                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n and structured)
 
 
 def penalty_weight(problem: BlockProblem, cfg: ClairConfig) -> float | None:

@@ -83,13 +83,15 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
     combined = detection.combine_modules([fits[m].evidence for m in modules])
     votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
     flagged = votes.flagged.copy()
-    score_z = detection.robust_z(votes.score)
+    distance = detection.client_scores(pairs, n, detection.combine_modules([fits[m].distance for m in modules]),
+                                       informative)
+    score_z = detection.robust_z(distance)
     structure = any(fits[m].admissible for m in modules)
     inconclusive = 2 * int(flagged.sum()) >= n
     if inconclusive or not structure:
         # No module shows the model's structure, or a flagged majority contradicts it
         # (contaminated clients are a minority): the vote decides nothing, and only robust
-        # outliers of the continuous score are flagged.
+        # outliers of the distance score are flagged (it needs no structure).
         flagged = _persistent_outliers(active, score_z, prior_z, cfg)
     decision = "vote" if structure and not inconclusive else ("fallback" if flagged.any() else "none")
     set_subspaces(fits, pairs, flagged, cfg.rank)
@@ -109,7 +111,8 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
         clients[c] = ClientReport(float(votes.vote[i]), float(votes.score[i]), bool(flagged[i]), refined[c],
                                   errors[c], reason=_reason(i, votes, flagged, decision == "vote"),
                                   in_subspace_z=None if z_scores is None or i not in z_scores else float(z_scores[i]),
-                                  clean_vote=float(votes.clean_vote[i]), score_z=float(score_z[i]))
+                                  clean_vote=float(votes.clean_vote[i]), score_z=float(score_z[i]),
+                                  distance=float(distance[i]))
     for c in zero:
         clients[c] = ClientReport(1.0, float("inf"), True, refined[c], errors[c], reason="all-zero update",
                                   clean_vote=1.0)
@@ -167,7 +170,7 @@ def _refine(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], cids: 
 
 def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, decided: bool) -> str:
     if not decided and flagged[i]:
-        return "score outlier (vote inconclusive)"
+        return "distance outlier (no structure or inconclusive vote)"
     if votes.flagged[i] and flagged[i]:
         return "off-subspace majority vote"
     if flagged[i]:

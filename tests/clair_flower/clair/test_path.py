@@ -6,7 +6,7 @@ import pytest
 from clair_flower.clair import ClairConfig, run_clair
 from clair_flower.clair import detection
 from clair_flower.clair.decomposition import ClientFactors, lam_from_c, make_pairs, reduced_problem
-from clair_flower.clair.path import assess, max_rank, transition
+from clair_flower.clair.path import assess, energy_rank, max_rank, transition
 from clair_flower.clair.solvers import solve
 from clair_flower.clair.synthetic import make_instance
 
@@ -36,15 +36,30 @@ def test_grid_ends_bracket_all_flagged_and_none_flagged(n, noise):
     assert grid[0] == pytest.approx(tr.c_none) and grid[-1] == pytest.approx(tr.c_all)
 
 
-def test_full_rank_L_is_never_admissible():
-    """Above ``c_none`` every pair sits in ``L``: nothing is flagged, and with rank(L) at its
-    maximum that means "no structure", so the point is not admissible."""
-    problem, n = _problem(10, 0.0)
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_L_spread_over_the_clients_span_is_never_admissible(noise):
+    """Above ``c_none`` every pair sits in ``L = M``: nothing is flagged, and an ``L`` spread over
+    the clients' span (contaminated clients' random updates in it) is "no structure"."""
+    problem, n = _problem(10, noise)
     tr = transition(problem)
     res = solve(problem, lam_from_c(1.05 * tr.c_none, len(problem.pairs)), tol=1e-9, max_iter=5000)
     point = assess(res, problem, ClairConfig(), n, 1.05 * tr.c_none, detection.informative_pairs(problem.block_norms))
-    assert point.n_flagged == 0 and point.effective_rank == max_rank(problem)
-    assert point.full_rank and not point.admissible
+    assert point.n_flagged == 0 and point.energy_rank > 0.25 * max_rank(problem)
+    assert not point.structured and not point.admissible
+
+
+def test_low_rank_L_without_contamination_is_admissible_at_the_top():
+    """With no contamination and a shared subspace, ``L = M`` is low-rank: structure, no flags."""
+    inst = make_instance(n_clients=10, p=48, q=40, frac_contaminated=0.0, seed=2)
+    res = run_clair(inst.updates)
+    assert res.decision == "vote" and res.flagged == frozenset()
+    assert res.modules["m0"].diagnostics["admissible"]
+
+
+def test_energy_rank():
+    assert energy_rank(np.array([3.0, 1.0, 0.1])) == 2  # 9 / 10.01 < 0.9
+    assert energy_rank(np.array([3.0, 0.5])) == 1  # 9 / 9.25 >= 0.9
+    assert energy_rank(np.zeros(3)) == 0
 
 
 def test_chosen_c_does_not_depend_on_the_order_of_modules():
