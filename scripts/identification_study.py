@@ -186,6 +186,7 @@ def clair_eval(inputs: list[dict], benign: list[int], bad: list[int], modules: l
     trunc = [float(np.mean([res.clients[k].truncation_error[m] for k in benign])) for m in modules]
     return {
         "vote_inconclusive": inconclusive, "flagged": flagged, "reasons": reasons, "source": source,
+        # conclusive vote (a flagged minority or nothing); TPR says whether it found anyone
         "vote_decided": (not inconclusive) and source != "fallback",
         "tpr": tp / max(1, len(bad)), "fpr": fp / max(1, len(benign)),
         "status": res.diagnostics.get("status"),
@@ -336,7 +337,7 @@ def markdown(summary: dict, n_seeds: int) -> str:
                 lines.append(f"| {a} | {m} | {s['p']:.0f} | {s['sum_r_benign']:.0f} | {s['k90']:.1f} | {s['k99']:.1f} | "
                              f"{s['pair_ratio']:.2f} | {s['benign_cos']:.3f} |{extra}")
         lines.append("")
-        lines.append("| (a) | (b) | vote decided | flag sources | TPR | FPR | acc start | acc own | acc mean benign | acc CLAIR refined | truncation err |")
+        lines.append("| (a) | (b) | vote conclusive | flag sources | TPR | FPR | acc start | acc own | acc mean benign | acc CLAIR refined | truncation err |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for a, v in av.items():
             for b, c in v["clair"].items():
