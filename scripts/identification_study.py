@@ -178,8 +178,13 @@ def clair_eval(inputs: list[dict], benign: list[int], bad: list[int], modules: l
     sec = time.perf_counter() - t0
     flagged = sorted(int(k) for k in res.flagged)
     reasons = sorted({res.clients[k].reason for k in flagged})
-    inconclusive = bool(res.diagnostics.get("vote_inconclusive"))
-    source = "none" if not flagged else ("fallback" if inconclusive or FALLBACK_REASON in reasons else "vote")
+    decision = getattr(res, "decision", None)  # newer run_clair: "vote", "fallback" or "none"
+    if decision is not None:
+        inconclusive = decision == "fallback" or bool(res.diagnostics.get("vote_inconclusive"))
+        source = decision if flagged else "none"
+    else:
+        inconclusive = bool(res.diagnostics.get("vote_inconclusive"))
+        source = "none" if not flagged else ("fallback" if inconclusive or FALLBACK_REASON in reasons else "vote")
     tp = len(set(flagged) & set(bad))
     fp = len(set(flagged) & set(benign))
     ranks = res.diagnostics.get("rank", {})
