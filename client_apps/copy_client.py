@@ -28,9 +28,12 @@ from clair_flower.copytask.model import load_base_model, wrap_lora
 from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
 from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_client_data
 from clair_flower.copytask.training import evaluate, train_local
-from strategies.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_arrayrecord, to_arrayrecord, to_metricrecord
+from strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES, METRICS_KEY,
+                                 NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, TRAIN_FACTORS,
+                                 TRAIN_LOSS, TRAIN_SECONDS, UPLOAD_FACTORS)
+from strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
 
-GROUND_TRUTH_KEY = "contaminated"
+GROUND_TRUTH_KEY = CONTAMINATED
 BAD_REQUEST = 400
 
 app = ClientApp()
@@ -55,7 +58,7 @@ def partition(context: Context) -> tuple[int, int]:
     """``partition-id`` and ``num-partitions`` from the node config (injected by the
     simulation; passed with ``--node-config`` in deployment)."""
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
     except KeyError as err:
         raise ValueError(f"node config lacks {err}: start the SuperNode with "
                          f"--node-config 'partition-id=<i> num-partitions=<n>'") from None
@@ -71,8 +74,8 @@ def attack_config(cfg: RunConfig) -> attacks.AttackConfig:
 def is_contaminated(cfg: RunConfig, context: Context) -> bool:
     """Contaminated if the node config says so (deployment), else if the draw from the run
     ``seed`` and ``attack-seed`` picks its partition."""
-    if "contaminated" in context.node_config:
-        return bool(context.node_config["contaminated"])
+    if CONTAMINATED in context.node_config:
+        return bool(context.node_config[CONTAMINATED])
     pid, n = partition(context)
     return pid in attacks.contaminated_partitions(n, attack_config(cfg))
 
@@ -96,7 +99,7 @@ def _config_value(msg: Message, key: str, default: object) -> object:
 
 
 def _round(msg: Message) -> int:
-    return int(_config_value(msg, "server-round", 0))  # type: ignore[arg-type]
+    return int(_config_value(msg, SERVER_ROUND, 0))  # type: ignore[arg-type]
 
 
 def _factor_choice(msg: Message, key: str) -> str:
@@ -104,14 +107,14 @@ def _factor_choice(msg: Message, key: str) -> str:
 
     RoLoRA and FFA-LoRA train one factor with the other frozen and upload only that one.
     """
-    value = str(_config_value(msg, key, "both"))
-    if value not in ("both", "A", "B"):
+    value = str(_config_value(msg, key, BOTH_FACTORS))
+    if value not in FACTOR_CHOICES:
         raise ValueError(f"config '{key}' must be 'both', 'A' or 'B', got {value!r}")
     return value
 
 
 def _only_factor(state: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
-    if which == "both":
+    if which == BOTH_FACTORS:
         return state
     suffix = f".lora_{which}.weight"
     return {k: v for k, v in state.items() if k.endswith(suffix)}
@@ -161,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         received = _received_arrays(msg)
         model = model_with_adapter(cfg, received)
-        trainable, upload = _factor_choice(msg, "train-factors"), _factor_choice(msg, "upload-factors")
+        trainable, upload = _factor_choice(msg, TRAIN_FACTORS), _factor_choice(msg, UPLOAD_FACTORS)
     except (AdapterMismatchError, ValueError) as err:
         return _error_reply(msg, err)
     server_round = _round(msg)
@@ -181,8 +184,8 @@ def train(msg: Message, context: Context) -> Message:
         state = attacks.poison_update(acfg, state, received, server_round, benign_reference=reference,
                                       num_clients=n,
                                       num_malicious=len(attacks.contaminated_partitions(n, acfg)))
-    metrics = {"num-examples": int(stats["num-examples"]), "train-loss": stats["train-loss"],
-               "train-seconds": train_seconds, "partition-id": pid, GROUND_TRUTH_KEY: int(contaminated)}
+    metrics = {NUM_EXAMPLES: int(stats["num-examples"]), TRAIN_LOSS: stats["train-loss"],
+               TRAIN_SECONDS: train_seconds, PARTITION_ID: pid, GROUND_TRUTH_KEY: int(contaminated)}
     return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(_only_factor(state, upload)),
                                METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
 
@@ -202,7 +205,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     acfg = attack_config(cfg)
     if acfg.name == "backdoor":
         metrics["backdoor-asr"] = _backdoor_success(cfg, model, data)
-    metrics.update({"num-examples": int(data.test_inputs.shape[0]), "partition-id": pid,
+    metrics.update({NUM_EXAMPLES: int(data.test_inputs.shape[0]), PARTITION_ID: pid,
                     GROUND_TRUTH_KEY: int(contaminated)})
     return Message(RecordDict({METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
 
@@ -218,7 +221,7 @@ def identify(msg: Message, context: Context) -> Message:
         pid, n = partition(context)
     except ValueError as err:
         return _error_reply(msg, err)
-    return Message(RecordDict({METRICS_KEY: to_metricrecord({"partition-id": pid, "num-partitions": n})}),
+    return Message(RecordDict({METRICS_KEY: to_metricrecord({PARTITION_ID: pid, NUM_PARTITIONS: n})}),
                    reply_to=msg)
 
 

@@ -23,9 +23,10 @@ from server_apps.checkpoint_format import (CHECKPOINT_DIR, Checkpoint, Checkpoin
                                      check_compatible, clear_checkpoints, latest_checkpoint,
                                      save_checkpoint)
 from server_apps.run_config import RunConfig
-from strategies.records import CONFIG_KEY, from_arrayrecord, to_arrayrecord
+from strategies.protocol import ASK, CONFIG_KEY, PARTITION_ID
+from strategies.records import from_arrayrecord, to_arrayrecord
 
-PARTITION_KEY = "partition-id"
+PARTITION_KEY = PARTITION_ID
 # Run-config keys a resumed run may change: how long it runs, where, and resume itself.
 MAY_DIFFER_ON_RESUME = ("resume", "num-server-rounds", "output-dir", "round-timeout")
 
@@ -45,7 +46,7 @@ def query_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dic
         claim the same partition; every such node is named.
     """
     node_ids = sorted(int(n) for n in node_ids)
-    messages = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"ask": PARTITION_KEY})}),
+    messages = [Message(RecordDict({CONFIG_KEY: ConfigRecord({ASK: PARTITION_KEY})}),
                         dst_node_id=nid, message_type=MessageType.QUERY, group_id="0")
                 for nid in node_ids]
     partition_of: dict[int, int] = {}

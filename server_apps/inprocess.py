@@ -16,6 +16,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity  # private API: flwr pinned to 1.41.*
 
+from strategies.protocol import NUM_PARTITIONS, PARTITION_ID
+
 SERVER_NODE_ID = 0
 CLIENT_EXCEPTION = 500
 
@@ -90,4 +92,4 @@ class InProcessGrid(Grid):
 
 def simulation_node_configs(num_nodes: int) -> list[dict[str, Any]]:
     """What Flower's simulation injects into each node's config."""
-    return [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+    return [{PARTITION_ID: i, NUM_PARTITIONS: num_nodes} for i in range(num_nodes)]

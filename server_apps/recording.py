@@ -24,9 +24,10 @@ from flwr.supercore import log
 
 from server_apps.results import RunWriter, detection_rates
 from server_apps.checkpointing import RoundCheckpoints
+from strategies.protocol import CONTAMINATED, PARTITION_ID, TRAIN_SECONDS
 
-GROUND_TRUTH_KEY = "contaminated"
-PARTITION_KEY = "partition-id"
+GROUND_TRUTH_KEY = CONTAMINATED
+PARTITION_KEY = PARTITION_ID
 
 
 def _array_bytes(record: ArrayRecord) -> int:
@@ -133,7 +134,7 @@ class RecordingStrategy(Strategy):
             replies = [m for m in replies if self.truth.get(m.metadata.src_node_id, 0) == 0]
         ok = [m for m in replies if not m.has_error() and m.has_content()]
         up = [_message_bytes(m) for m in ok]
-        train_secs = [float(_metrics_of(m).get("train-seconds", np.nan)) for m in ok]
+        train_secs = [float(_metrics_of(m).get(TRAIN_SECONDS, np.nan)) for m in ok]
         t0 = time.perf_counter()
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         server_seconds = time.perf_counter() - t0

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
-from strategies.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from strategies.uploads import ScreenReport, Upload
 
 Template = Mapping[str, tuple[int, ...]]

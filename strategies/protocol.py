@@ -1,0 +1,44 @@
+"""Every key of the protocol between this project's server and clients (``docs/DESIGN.md`` section 6).
+
+The strategies, the ClientApp and the ServerApp all import their record names, config
+entries and metric names from here, so one edit renames a key everywhere. The record names
+and ``num-examples`` are Flower's own defaults (``FedAvg(arrayrecord_key="arrays", ...)``):
+strategies take them as constructor arguments, these are only the defaults.
+"""
+
+from __future__ import annotations
+
+# -- record names in a message's RecordDict (FlowerTune convention) ----------------------
+ARRAYS_KEY = "arrays"
+"""ArrayRecord: the PEFT LoRA state dict, both ways."""
+METRICS_KEY = "metrics"
+"""MetricRecord of a reply."""
+CONFIG_KEY = "config"
+"""ConfigRecord of an instruction."""
+
+# -- ConfigRecord entries the server sends ---------------------------------------------------
+SERVER_ROUND = "server-round"
+TRAIN_FACTORS = "train-factors"
+"""Which LoRA factors the client trains: one of :data:`FACTOR_CHOICES`."""
+UPLOAD_FACTORS = "upload-factors"
+"""Which LoRA factors the client sends back: one of :data:`FACTOR_CHOICES`."""
+ASK = "ask"
+"""A QUERY's question; the only one asked is :data:`PARTITION_ID`."""
+
+# Values of TRAIN_FACTORS / UPLOAD_FACTORS.
+FACTOR_A = "A"
+FACTOR_B = "B"
+BOTH_FACTORS = "both"
+FACTOR_CHOICES = (BOTH_FACTORS, FACTOR_A, FACTOR_B)
+
+# -- MetricRecord entries a client sends ---------------------------------------------------
+NUM_EXAMPLES = "num-examples"
+"""Required: the reply's aggregation weight (Flower's ``weighted_by_key`` default)."""
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+PARTITION_ID = "partition-id"
+"""Also a node-config key (Flower's simulation injects it), as is :data:`NUM_PARTITIONS`."""
+NUM_PARTITIONS = "num-partitions"
+CONTAMINATED = "contaminated"
+"""Simulation ground truth (also a node-config key in deployment); the ServerApp strips it
+from every reply before a strategy sees it."""
