@@ -9,24 +9,23 @@ any PEFT model, any target modules and per-client ranks work unchanged.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 
-import numpy as np
 from flwr.app import Message
 from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
-from clair_flower.lora import factors_from_state_dict, factors_to_state_dict
+from clair_flower.lora import LoraFactors, factors_from_state_dict, factors_to_state_dict
+from strategies.clair_aggregator import DECISIONS, ClairAggregator, clair_config
 from strategies.personalized import PersonalizedLoraStrategy
+from strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from strategies.screen import ReplyScreen, template_of
 from strategies.state import StrategyState
 from strategies.uploads import Upload
 
-DECISIONS = ("vote", "fallback", "none")
-"""Which rule decided a round's flags (see :attr:`clair_flower.clair.ClairResult.decision`)."""
+__all__ = ["DECISIONS", "ClairStrategy", "Detection"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,9 @@ class ClairStrategy(PersonalizedLoraStrategy):
         PEFT ``lora_alpha`` of the clients, so that ``dW_k = (alpha / r_k) B_k A_k``.
     use_rslora : bool
         Clients use rsLoRA scaling ``alpha / sqrt(r_k)``.
+    config : ClairConfig, optional
+        Every CLAIR setting at once; then the CLAIR keyword arguments below stay at their
+        defaults (:func:`strategies.clair_aggregator.clair_config`).
     rank : int or None
         ``r_hat``, the rank of the shared subspace; ``None`` picks it from the singular gap.
     solver : {"fast", "reference"}
@@ -67,32 +69,49 @@ class ClairStrategy(PersonalizedLoraStrategy):
     in_subspace_stage : bool
         Add the robust median/MAD test on in-subspace coefficients (CLAIR+), which also
         catches sign flip, scaling and IPM.
+    form, pairs, seed
+        As in :class:`~clair_flower.clair.ClairConfig`.
+    max_norm_ratio, fraction_train, ..., min_available_nodes, arrayrecord_key, ...
+        :class:`~strategies.base.LoraStrategy`'s (at least 3 nodes by default); the screen
+        accepts any LoRA rank.
     """
 
-    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, rank: int | None = None,
-                 solver: str = "fast", form: str = "constrained", lam: str | float = "auto",
-                 flag_threshold: float | None = None, vote_threshold: float = 0.5,
+    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, config: ClairConfig | None = None,
+                 rank: int | None = None, solver: str = "fast", form: str = "constrained",
+                 lam: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  flagged_policy: str = "consensus", no_structure: str = "mean",
-                 in_subspace_stage: bool = False,
-                 pairs: str = "all", seed: int = 0, max_norm_ratio: float = 1e3,
-                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
-                 min_train_nodes: int = 3, min_evaluate_nodes: int = 2,
-                 min_available_nodes: int = 3) -> None:
+                 in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
+                 max_norm_ratio: float = 1e3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 min_train_nodes: int = 3, min_evaluate_nodes: int = 2, min_available_nodes: int = 3,
+                 arrayrecord_key: str = ARRAYS_KEY, configrecord_key: str = CONFIG_KEY,
+                 metricrecord_key: str = METRICS_KEY) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
-                         min_available_nodes=min_available_nodes,
-                         screen=ReplyScreen(any_rank=True, max_norm_ratio=max_norm_ratio))
+                         min_available_nodes=min_available_nodes, max_norm_ratio=max_norm_ratio,
+                         any_rank=True, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+                         metricrecord_key=metricrecord_key)
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        cfg_kwargs: dict[str, object] = dict(rank=rank, solver=solver, form=form, lam=lam,
-                                             pairs=pairs, vote_threshold=vote_threshold,
-                                             flagged_policy=flagged_policy, no_structure=no_structure,
-                                             in_subspace_stage=in_subspace_stage, seed=seed)
-        if flag_threshold is not None:
-            cfg_kwargs["flag_threshold"] = flag_threshold
-        self.config = ClairConfig(**cfg_kwargs)  # type: ignore[arg-type]
-        self.flag_history: dict[int, list[int]] = {}
-        self.score_z_history: dict[int, list[float]] = {}
+        cfg = clair_config(config, rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
+                           flag_threshold=flag_threshold, vote_threshold=vote_threshold,
+                           flagged_policy=flagged_policy, no_structure=no_structure,
+                           in_subspace_stage=in_subspace_stage, seed=seed)
+        self.clair = ClairAggregator(cfg, label="CLAIR", fallback="adapters kept as they were")
+
+    @property
+    def config(self) -> ClairConfig:
+        """The CLAIR settings of every round."""
+        return self.clair.config
+
+    @property
+    def flag_history(self) -> dict[int, list[int]]:
+        """Every node's flags, one per CLAIR round it took part in."""
+        return self.clair.flag_history
+
+    @property
+    def score_z_history(self) -> dict[int, list[float]]:
+        """Every node's score z, one per CLAIR round it took part in."""
+        return self.clair.score_z_history
 
     def summary(self) -> None:
         c = self.config
@@ -116,14 +135,13 @@ class ClairStrategy(PersonalizedLoraStrategy):
     def restore_state(self, state: StrategyState) -> None:
         """Take back adapters, consensus, flag and score histories (node ids remapped)."""
         super().restore_state(state)
-        self.flag_history = state.per_client_int_lists("flag-history")
-        self.score_z_history = state.per_client_float_lists("score-z-history")
+        self.clair.flag_history = state.per_client_int_lists("flag-history")
+        self.clair.score_z_history = state.per_client_float_lists("score-z-history")
 
     # -- detection alone -------------------------------------------------------------------
-    def _run(self, uploads: list[Upload], prior_z: dict[int, list[float]] | None = None) -> ClairResult:
-        updates = {u.node_id: factors_from_state_dict(u.state, self.lora_alpha, self.use_rslora)
-                   for u in uploads}
-        return run_clair(updates, self.config, prior_z)
+    def as_factors(self, upload: Upload) -> Mapping[str, LoraFactors]:
+        """One upload's LoRA factors per module, with the clients' scaling."""
+        return factors_from_state_dict(upload.state, self.lora_alpha, self.use_rslora)
 
     def detect(self, replies: Iterable[Message]) -> Detection:
         """Flags and scores of the nodes in ``replies``, without aggregating anything.
@@ -134,7 +152,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
         replies = list(replies)
         template = template_of(self.consensus) if self.consensus is not None else _first_template(replies, self.screen)
         report = self.screen.train(replies, template)
-        result = self._run(report.accepted)
+        result = run_clair({u.node_id: self.as_factors(u) for u in report.accepted}, self.config)
         return Detection(frozenset(result.flagged),
                          {k: float(c.vote) for k, c in result.clients.items()},
                          {k: float(c.score) for k, c in result.clients.items()},
@@ -142,52 +160,13 @@ class ClairStrategy(PersonalizedLoraStrategy):
 
     # -- aggregation -----------------------------------------------------------------------
     def update_adapters(self, server_round: int, uploads: list[Upload]) -> dict[str, object]:
-        if len(uploads) < 3:
-            log(WARNING, "CLAIR needs at least 3 usable uploads, got %d: adapters kept as they were",
-                len(uploads))
-            return {"clair-fallback": 1, "num-flagged": 0}
-        t0 = time.perf_counter()
-        try:
-            result = self._run(uploads, self.score_z_history)
-        except Exception as err:  # noqa: BLE001 - a failed solve must not end the ServerApp
-            # Documented fallback: every stored adapter stays as it was for this round.
-            log(WARNING, "CLAIR failed this round (%s: %s): adapters kept as they were",
-                type(err).__name__, err)
-            return {"clair-fallback": 1, "num-flagged": 0}
-        seconds = time.perf_counter() - t0
-        log(INFO, "CLAIR round %d: decided by %s, flagged %s, trusted clients get %s, %.2f s", server_round,
-            result.decision, sorted(result.flagged) or "none", result.diagnostics.get("trusted_get", "refined"),
-            seconds)
-        for nid, client in result.clients.items():
-            self.adapters[nid] = factors_to_state_dict(client.refined)
-            self.flag_history.setdefault(nid, []).append(int(client.flagged))
-            self.score_z_history.setdefault(nid, []).append(float(client.score_z))
-        self.consensus = factors_to_state_dict(result.consensus)
-        return self._round_metrics(result, uploads, seconds)
-
-    def _round_metrics(self, result: ClairResult, uploads: list[Upload], seconds: float) -> dict[str, object]:
-        nids = [u.node_id for u in uploads]
-        diag = result.diagnostics
-        trunc = [max(result.clients[n].truncation_error.values(), default=0.0) for n in nids]
-        lams = [float(m.diagnostics.get("lam", float("nan"))) for m in result.modules.values()]
-        statuses = [str(m.diagnostics.get("status", "")) for m in result.modules.values()]
-        ok = all(s.startswith("optimal") or s == "converged" for s in statuses)
-        if not ok:
-            log(WARNING, "CLAIR solver status this round: %s", sorted(set(statuses)))
-        return {
-            "clair-fallback": 0,
-            **{f"decided-by-{d}": int(result.decision == d) for d in DECISIONS},
-            "num-flagged": len(result.flagged),
-            "flagged-node-ids": sorted(result.flagged),
-            "node-ids": nids,
-            "votes": [float(result.clients[n].vote) for n in nids],
-            "scores": [float(result.clients[n].score) for n in nids],
-            "lambda": float(np.nanmedian(lams)) if lams else float("nan"),
-            "solver-ok": int(ok),
-            "solver-seconds": float(diag.get("seconds", seconds)),
-            "clair-seconds": float(seconds),
-            "max-truncation-error": float(max(trunc, default=0.0)),
-        }
+        # A fallback round keeps every stored adapter as it was (see ClairAggregator).
+        result, metrics = self.clair.run(server_round, uploads, self.as_factors)
+        if result is not None:
+            for nid, client in result.clients.items():
+                self.adapters[nid] = factors_to_state_dict(client.refined)
+            self.consensus = factors_to_state_dict(result.consensus)
+        return metrics
 
 
 def _first_template(replies: list[Message], screen: ReplyScreen) -> dict[str, tuple[int, ...]]:

@@ -44,17 +44,18 @@ What CLAIR can and cannot detect in this mode
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.supercore import log
 
-from clair_flower.clair import ClairConfig, ClairResult, run_clair
+from clair_flower.clair import ClairConfig
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
-from strategies.clair import DECISIONS
-from strategies.personalized import weighted_mean_state
-from strategies.rolora import RoLoRA, State
+from strategies.base import LoraStrategy, State, weighted_mean_state
+from strategies.clair_aggregator import ClairAggregator, clair_config
+from strategies.protocol import FACTOR_A, FACTOR_B
+from strategies.rolora import RoLoRA
 from strategies.state import StrategyState
 from strategies.uploads import Upload
 
@@ -75,7 +76,7 @@ def reproject(refined: LoraFactors, frozen: np.ndarray, factor: str, scaling: fl
     fb, fa = refined.B.astype(np.float64), refined.A.astype(np.float64)
     fr = frozen.astype(np.float64)
     ratio = refined.scaling / scaling
-    if factor == "B":  # frozen is A (r x in)
+    if factor == FACTOR_B:  # frozen is A (r x in)
         core = fa @ np.linalg.pinv(fr)                   # r_ref x r
         new = ratio * fb @ core
         residual = _gram_norm(fb, fa - core @ fr)
@@ -94,29 +95,38 @@ class ClairRoLoRA(RoLoRA):
     ----------
     lora_alpha, use_rslora : float, bool
         The clients' PEFT scaling, so that ``dW_k = s B_k A`` with ``s = alpha / r``.
+    config : ClairConfig, optional
+        Every CLAIR setting at once; then the CLAIR keyword arguments stay at their defaults.
     rank, solver, form, lam, flag_threshold, vote_threshold, in_subspace_stage, pairs, seed
         CLAIR settings, as in :class:`strategies.clair.ClairStrategy`.
     **kwargs
         RoLoRA's sampling, keys and screen settings (``min_train_nodes`` defaults to 3).
     """
 
-    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, rank: int | None = None,
-                 solver: str = "fast", form: str = "constrained", lam: str | float = "auto",
-                 flag_threshold: float | None = None, vote_threshold: float = 0.5,
+    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, config: ClairConfig | None = None,
+                 rank: int | None = None, solver: str = "fast", form: str = "constrained",
+                 lam: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
-                 min_train_nodes: int = 3, min_available_nodes: int = 3, **kwargs: object) -> None:
-        super().__init__(min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes,
-                         **kwargs)  # type: ignore[arg-type]
+                 min_train_nodes: int = 3, min_available_nodes: int = 3, **kwargs: Any) -> None:
+        super().__init__(min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes, **kwargs)
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        cfg: dict[str, object] = dict(rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
-                                      vote_threshold=vote_threshold, in_subspace_stage=in_subspace_stage,
-                                      seed=seed)
-        if flag_threshold is not None:
-            cfg["flag_threshold"] = flag_threshold
-        self.config = ClairConfig(**cfg)  # type: ignore[arg-type]
+        cfg = clair_config(config, rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
+                           flag_threshold=flag_threshold, vote_threshold=vote_threshold,
+                           in_subspace_stage=in_subspace_stage, seed=seed)
+        self.clair = ClairAggregator(cfg, label="CLAIR-RoLoRA", fallback="round skipped",
+                                     use_score_history=False)
         self.refined: dict[int, State] = {}
-        self.flag_history: dict[int, list[int]] = {}
+
+    @property
+    def config(self) -> ClairConfig:
+        """The CLAIR settings of every round."""
+        return self.clair.config
+
+    @property
+    def flag_history(self) -> dict[int, list[int]]:
+        """Every node's flags, one per CLAIR round it took part in."""
+        return self.clair.flag_history
 
     def summary(self) -> None:
         c = self.config
@@ -124,7 +134,7 @@ class ClairRoLoRA(RoLoRA):
         log(INFO, "\t├──> CLAIR: lora_alpha %g%s, r_hat %s, solver %s, lambda %s, in-subspace stage %s",
             self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)", c.solver,
             c.lam, c.in_subspace_stage)
-        self._log_common()
+        LoraStrategy.summary(self)
 
     # -- checkpoint --------------------------------------------------------------------
     def export_state(self) -> StrategyState:
@@ -138,7 +148,7 @@ class ClairRoLoRA(RoLoRA):
         """Take back the phase counter, refined factors and flag history (node ids remapped)."""
         super().restore_state(state)
         self.refined = {int(n): dict(s) for n, s in state.per_client.get("refined", {}).items()}
-        self.flag_history = state.per_client_int_lists("flag-history")
+        self.clair.flag_history = state.per_client_int_lists("flag-history")
 
     # -- uploads as LoRA updates -------------------------------------------------------
     def _as_factors(self, upload: State, factor: str) -> dict[str, LoraFactors]:
@@ -146,19 +156,19 @@ class ClairRoLoRA(RoLoRA):
         assert self.global_state is not None
         out = {}
         for name in lora_module_names(self.global_state):
-            a = upload[name + LORA_A_SUFFIX] if factor == "A" else self.global_state[name + LORA_A_SUFFIX]
-            b = upload[name + LORA_B_SUFFIX] if factor == "B" else self.global_state[name + LORA_B_SUFFIX]
+            a = upload[name + LORA_A_SUFFIX] if factor == FACTOR_A else self.global_state[name + LORA_A_SUFFIX]
+            b = upload[name + LORA_B_SUFFIX] if factor == FACTOR_B else self.global_state[name + LORA_B_SUFFIX]
             out[name] = LoraFactors(a, b, lora_scaling(self.lora_alpha, a.shape[0], self.use_rslora))
         return out
 
     def _reproject_all(self, refined: dict[str, LoraFactors], factor: str) -> tuple[State, float]:
         assert self.global_state is not None
-        frozen_suffix = LORA_A_SUFFIX if factor == "B" else LORA_B_SUFFIX
-        suffix = LORA_B_SUFFIX if factor == "B" else LORA_A_SUFFIX
+        frozen_suffix = LORA_A_SUFFIX if factor == FACTOR_B else LORA_B_SUFFIX
+        suffix = LORA_B_SUFFIX if factor == FACTOR_B else LORA_A_SUFFIX
         state, worst = {}, 0.0
         for name, f in refined.items():
             frozen = self.global_state[name + frozen_suffix]
-            r = frozen.shape[0] if factor == "B" else frozen.shape[1]
+            r = frozen.shape[0] if factor == FACTOR_B else frozen.shape[1]
             new, res = reproject(f, frozen, factor, lora_scaling(self.lora_alpha, r, self.use_rslora))
             state[name + suffix], worst = new, max(worst, res)
         return state, worst
@@ -166,22 +176,12 @@ class ClairRoLoRA(RoLoRA):
     # -- aggregation -------------------------------------------------------------------
     def aggregate_factor(self, server_round: int, factor: str, uploads: list[Upload]
                          ) -> tuple[State | None, dict[str, object]]:
-        if len(uploads) < 3:
-            log(WARNING, "CLAIR needs at least 3 usable uploads, got %d: round skipped", len(uploads))
-            return None, {"clair-fallback": 1, "num-flagged": 0}
-        t0 = time.perf_counter()
-        try:
-            result = run_clair({u.node_id: self._as_factors(u.state, factor) for u in uploads}, self.config)
-        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
-            log(WARNING, "CLAIR failed this round (%s): round skipped", err)
-            return None, {"clair-fallback": 1, "num-flagged": 0}
-        seconds = time.perf_counter() - t0
-        log(INFO, "CLAIR-RoLoRA round %d (%s): decided by %s, flagged %s, %.2f s", server_round, factor,
-            result.decision, sorted(result.flagged) or "none", seconds)
-        for u in uploads:
-            self.flag_history.setdefault(u.node_id, []).append(int(u.node_id in result.flagged))
+        # A fallback round is skipped: no aggregation, the phase does not advance.
+        result, metrics = self.clair.run(server_round, uploads, lambda u: self._as_factors(u.state, factor),
+                                         note=f" ({factor})")
+        if result is None:
+            return None, metrics
         benign = [u for u in uploads if u.node_id not in result.flagged]
-        metrics = self._metrics(result, uploads, seconds)
         if not benign:
             log(WARNING, "CLAIR flagged every client: round skipped")
             return None, {**metrics, "clair-fallback": 1}
@@ -189,15 +189,5 @@ class ClairRoLoRA(RoLoRA):
         for u in benign:
             self.refined[u.node_id], res = self._reproject_all(result.clients[u.node_id].refined, factor)
             residual = max(residual, res)
-        new = weighted_mean_state([self.refined[u.node_id] for u in benign], self._weights(benign))
+        new = weighted_mean_state([self.refined[u.node_id] for u in benign], self.upload_weights(benign))
         return new, {**metrics, "max-reprojection-residual": residual}
-
-    @staticmethod
-    def _metrics(result: ClairResult, uploads: list[Upload], seconds: float) -> dict[str, object]:
-        nids = [u.node_id for u in uploads]
-        return {"clair-fallback": 0, "num-flagged": len(result.flagged),
-                **{f"decided-by-{d}": int(result.decision == d) for d in DECISIONS},
-                "flagged-node-ids": sorted(result.flagged), "node-ids": nids,
-                "votes": [float(result.clients[n].vote) for n in nids],
-                "scores": [float(result.clients[n].score) for n in nids],
-                "clair-seconds": float(seconds)}

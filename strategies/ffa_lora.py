@@ -9,9 +9,12 @@ phase never leaves ``B``, so all the machinery (screening, weighting, messages) 
 from __future__ import annotations
 
 from logging import INFO
+from typing import Any
 
 from flwr.supercore import log
 
+from strategies.base import LoraStrategy
+from strategies.protocol import FACTOR_B
 from strategies.rolora import RoLoRA
 
 
@@ -21,15 +24,15 @@ class FFALoRA(RoLoRA):
     Parameters are RoLoRA's, less ``first_factor``.
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         if "first_factor" in kwargs:
             raise TypeError("FFALoRA always trains B; it takes no first_factor")
-        super().__init__(first_factor="B", **kwargs)  # type: ignore[arg-type]
+        super().__init__(first_factor=FACTOR_B, **kwargs)
 
     def current_factor(self) -> str:
         """Always ``B``: ``A`` stays at its (shared, seeded) random initialisation."""
-        return "B"
+        return FACTOR_B
 
     def summary(self) -> None:
         log(INFO, "\t├──> FFA-LoRA: A frozen at initialisation, only B trained, uploaded and averaged")
-        self._log_common()
+        LoraStrategy.summary(self)

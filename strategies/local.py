@@ -15,7 +15,7 @@ class LocalOnly(PersonalizedLoraStrategy):
 
     The server only stores every node's adapter between rounds, so a node restarted by the
     runtime (a fresh ClientApp process each message) resumes where it stopped. The global
-    arrays stay the initial adapter.
+    arrays stay the initial adapter. Parameters are :class:`~strategies.base.LoraStrategy`'s.
     """
 
     def update_adapters(self, server_round: int, uploads: list[Upload]) -> dict[str, object]:

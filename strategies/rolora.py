@@ -25,31 +25,29 @@ screened against the factor that round asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from typing import Any
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.app import ArrayRecord
 from flwr.supercore import log
 
-from strategies.state import CheckpointError, StrategyState
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
-from strategies.personalized import weighted_mean_state
-from strategies.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, to_metricrecord
-from strategies.screen import ReplyScreen
-from strategies.uploads import ScreenReport, Upload, common_scalar_metrics
+from strategies.base import ConfigValue, LoraStrategy, State, weighted_mean_state
+from strategies.protocol import FACTOR_A, FACTOR_B, TRAIN_FACTORS, UPLOAD_FACTORS
+from strategies.records import from_arrayrecord, to_arrayrecord
+from strategies.screen import Template
+from strategies.state import CheckpointError, StrategyState
+from strategies.uploads import ScreenReport, Upload
 
-State = dict[str, np.ndarray]
-FACTORS = ("A", "B")
-SUFFIX = {"A": LORA_A_SUFFIX, "B": LORA_B_SUFFIX}
+FACTORS = (FACTOR_A, FACTOR_B)
+SUFFIX = {FACTOR_A: LORA_A_SUFFIX, FACTOR_B: LORA_B_SUFFIX}
 
 
-def factor_for(completed: int, first: str = "B") -> str:
+def factor_for(completed: int, first: str = FACTOR_B) -> str:
     """The factor trained after ``completed`` successful aggregations (alternating)."""
-    other = "A" if first == "B" else "B"
+    other = FACTOR_A if first == FACTOR_B else FACTOR_B
     return first if completed % 2 == 0 else other
 
 
@@ -63,55 +61,30 @@ def factor_template(state: Mapping[str, np.ndarray], factor: str) -> dict[str, t
     return {k: tuple(np.shape(state[k])) for k in factor_keys(state, factor)}
 
 
-def weighted_metrics(metrics: list[Mapping[str, object]], weights: list[float]) -> dict[str, float]:
-    """Weighted mean of the scalar metrics all replies share (as Flower's FedAvg reports)."""
-    keys = [k for k in common_scalar_metrics(metrics) if k != NUM_EXAMPLES]
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    return {k: float(sum(wi * float(m[k]) for wi, m in zip(w, metrics))) for k in keys}  # type: ignore[arg-type]
-
-
-class RoLoRA(Strategy):
+class RoLoRA(LoraStrategy):
     """Alternate B-then-A rounds; average the trained factor; broadcast the full adapter.
 
     Parameters
     ----------
-    fraction_train, fraction_evaluate : float
-        Fraction of connected nodes sampled for training / evaluation (as in FedAvg).
-    min_train_nodes, min_evaluate_nodes, min_available_nodes : int
-        Lower bounds on sampled and connected nodes (as in FedAvg).
-    weighted_by_key : str
-        Scalar metric of each train reply used as its aggregation weight.
-    arrayrecord_key, configrecord_key : str
-        Record names in the messages (FlowerTune convention: ``"arrays"``, ``"config"``).
     first_factor : {"B", "A"}
         Factor of the first round. Keep ``"B"`` with PEFT's zero-initialised ``B``.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes
+        Sampling, as in FedAvg (see :class:`~strategies.base.LoraStrategy`).
+    weighted_by_key, arrayrecord_key, configrecord_key, metricrecord_key : str
+        Weight metric and record names (FlowerTune convention).
     max_norm_ratio : float
-        Sanity bound of the :class:`ReplyScreen` (not a defence).
+        Sanity bound of the :class:`ReplyScreen` (not a defence); only the trained factor's
+        keys are accepted.
     """
 
-    def __init__(self, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
-                 min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
-                 weighted_by_key: str = NUM_EXAMPLES, arrayrecord_key: str = ARRAYS_KEY,
-                 configrecord_key: str = CONFIG_KEY, first_factor: str = "B",
-                 max_norm_ratio: float = 1e3) -> None:
+    def __init__(self, *, first_factor: str = FACTOR_B, **kwargs: Any) -> None:
         if first_factor not in FACTORS:
             raise ValueError(f"first_factor must be 'A' or 'B', got {first_factor!r}")
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
-        self.min_train_nodes = min_train_nodes
-        self.min_evaluate_nodes = min_evaluate_nodes
-        self.min_available_nodes = min_available_nodes
-        self.weighted_by_key = weighted_by_key
-        self.arrayrecord_key = arrayrecord_key
-        self.configrecord_key = configrecord_key
+        super().__init__(**kwargs)
         self.first_factor = first_factor
-        self.screen = ReplyScreen(max_norm_ratio=max_norm_ratio, arrayrecord_key=arrayrecord_key)
         self.completed_aggregations = 0
         self.factor_sent: dict[int, str] = {}
         self.global_state: State | None = None
-        self.last_report = ScreenReport()
-        self.last_eval_rejected: dict[int, str] = {}
 
     # -- the phase ---------------------------------------------------------------------
     def current_factor(self) -> str:
@@ -142,43 +115,28 @@ class RoLoRA(Strategy):
     def summary(self) -> None:
         log(INFO, "\t├──> RoLoRA: alternating factors, first %s, exact aggregation of the trained factor",
             self.first_factor)
-        self._log_common()
+        super().summary()
 
-    def _log_common(self) -> None:
-        log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f", self.fraction_train, self.fraction_evaluate)
-        log(INFO, "\t├──> Minimum nodes: train %d | evaluate %d | available %d",
-            self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes)
-        log(INFO, "\t├──> Reply screen: max norm ratio %g (only the trained factor's keys accepted)",
-            self.screen.max_norm_ratio)
-        log(INFO, "\t└──> Keys: weighted by '%s', ArrayRecord '%s', ConfigRecord '%s'",
-            self.weighted_by_key, self.arrayrecord_key, self.configrecord_key)
-
-    # -- messages ----------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        if fraction == 0.0:
-            return []
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
-        return sorted(node_ids)
-
-    def _broadcast(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
-                   message_type: str, server_round: int) -> list[Message]:
-        """One message per node; all carry the same full adapter (shared A, averaged B)."""
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=content, dst_node_id=nid, message_type=message_type,
-                        group_id=str(server_round)) for nid in node_ids]
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    # -- LoraStrategy's hooks ----------------------------------------------------------
+    def begin_train(self, server_round: int, arrays: ArrayRecord) -> None:
         self.global_state = from_arrayrecord(arrays)
-        factor = self.current_factor()
-        self.factor_sent[server_round] = factor
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        log(INFO, "configure_train: %d nodes train factor %s (aggregations so far: %d)",
-            len(node_ids), factor, self.completed_aggregations)
-        cfg = ConfigRecord({**dict(config), "server-round": server_round,
-                            "train-factors": factor, "upload-factors": factor})
-        return self._broadcast(arrays, cfg, node_ids, MessageType.TRAIN, server_round)
+        self.factor_sent[server_round] = self.current_factor()
+
+    def train_config(self, server_round: int) -> dict[str, ConfigValue]:
+        factor = self.factor_sent[server_round]
+        return {TRAIN_FACTORS: factor, UPLOAD_FACTORS: factor}
+
+    def train_plan(self, server_round: int) -> str:
+        return (f" train factor {self.factor_sent[server_round]} "
+                f"(aggregations so far: {self.completed_aggregations})")
+
+    def train_factor(self, server_round: int) -> str:
+        """The factor ``server_round`` asked for (the current one if it sent none)."""
+        return self.factor_sent.get(server_round, self.current_factor())
+
+    def train_template(self, server_round: int) -> Template:
+        assert self.global_state is not None, "configure_train runs first"
+        return factor_template(self.global_state, self.train_factor(server_round))
 
     # -- aggregation -------------------------------------------------------------------
     def aggregate_factor(self, server_round: int, factor: str, uploads: list[Upload]
@@ -187,46 +145,24 @@ class RoLoRA(Strategy):
 
         Returns ``None`` to skip the round (the phase then does not advance).
         """
-        return weighted_mean_state([u.state for u in uploads], self._weights(uploads)), {}
+        return weighted_mean_state([u.state for u in uploads], self.upload_weights(uploads)), {}
 
-    def _weights(self, uploads: list[Upload]) -> list[float]:
-        if self.weighted_by_key == NUM_EXAMPLES:
-            return [u.num_examples for u in uploads]
-        return [float(u.metrics[self.weighted_by_key]) for u in uploads]  # type: ignore[arg-type]
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_uploads(self, server_round: int, report: ScreenReport
+                          ) -> tuple[ArrayRecord | None, dict[str, object]]:
         assert self.global_state is not None, "configure_train runs first"
-        factor = self.factor_sent.get(server_round, self.current_factor())
-        report = self.screen.train(list(replies), factor_template(self.global_state, factor))
-        self.last_report = report
-        metrics: dict[str, object] = {**report.metrics(), "train-factor-B": int(factor == "B")}
+        factor = self.train_factor(server_round)
+        metrics: dict[str, object] = {**report.metrics(), "train-factor-B": int(factor == FACTOR_B)}
         new_factor: State | None = None
         if report.accepted:
             new_factor, extra = self.aggregate_factor(server_round, factor, report.accepted)
             metrics.update(extra)
-            metrics.update(weighted_metrics([u.metrics for u in report.accepted], self._weights(report.accepted)))
+            metrics.update(self.train_metric_means(report.accepted))
         if new_factor is None:
             log(WARNING, "Round %d: factor %s not aggregated; it is trained again next round",
                 server_round, factor)
             metrics["aggregations-completed"] = self.completed_aggregations
-            return None, to_metricrecord(metrics)
+            return None, metrics
         self.global_state = {**self.global_state, **new_factor}
         self.completed_aggregations += 1
         metrics["aggregations-completed"] = self.completed_aggregations
-        return to_arrayrecord(self.global_state), to_metricrecord(metrics)
-
-    # -- evaluation --------------------------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        cfg = ConfigRecord({**dict(config), "server-round": server_round})
-        return self._broadcast(arrays, cfg, node_ids, MessageType.EVALUATE, server_round)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        ok, bad = self.screen.evaluate(list(replies))
-        self.last_eval_rejected = bad
-        if not ok:
-            return None
-        weights = [float(m[NUM_EXAMPLES]) for _, m in ok]  # type: ignore[arg-type]
-        return to_metricrecord(weighted_metrics([m for _, m in ok], weights))
+        return to_arrayrecord(self.global_state), metrics

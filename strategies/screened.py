@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.supercore import log
 
-from strategies.records import ARRAYS_KEY, METRICS_KEY, to_arrayrecord
+from strategies.protocol import ARRAYS_KEY, METRICS_KEY
+from strategies.records import to_arrayrecord
 from strategies.screen import ReplyScreen
 from strategies.state import CheckpointError, HasServerState, StrategyState
 from strategies.uploads import ScreenReport, common_scalar_metrics
@@ -48,7 +49,6 @@ class ScreenedStrategy(Strategy):
         self.screen = screen or ReplyScreen(arrayrecord_key=arrayrecord_key, metricrecord_key=metricrecord_key)
         self.template: dict[str, tuple[int, ...]] = {}
         self.last_report = ScreenReport()
-        self.last_eval_rejected: dict[int, str] = {}
 
     @property
     def arrayrecord_key(self) -> str:
@@ -127,8 +127,7 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        ok, bad = self.screen.evaluate(replies)
-        self.last_eval_rejected = bad
+        ok, _ = self.screen.evaluate(replies)  # the screen logs every rejected reply
         keys = common_scalar_metrics([m for _, m in ok])
         by_node = {m.metadata.src_node_id: m for m in replies}
         passed = []

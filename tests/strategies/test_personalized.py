@@ -10,7 +10,7 @@ from client_apps.copy_client import app as client_app
 from server_apps.run_config import RunConfig
 from server_apps.inprocess import InProcessGrid, simulation_node_configs
 from server_apps.runner import initial_adapter
-from strategies import clair as clair_module
+from strategies import clair_aggregator as clair_module
 from strategies.clair import ClairStrategy
 from strategies.local import LocalOnly
 from strategies.records import from_arrayrecord, to_arrayrecord

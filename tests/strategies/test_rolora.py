@@ -18,9 +18,9 @@ from clair_flower.lora import LoraFactors
 from client_apps.copy_client import app as copy_client_app
 from server_apps.inprocess import InProcessGrid, simulation_node_configs
 from server_apps.runner import initial_adapter, run_federation
-from strategies import clair_rolora
+from strategies import clair_aggregator
 from strategies.clair_rolora import ClairRoLoRA, reproject
-from strategies.personalized import weighted_mean_state
+from strategies.base import weighted_mean_state
 from strategies.records import from_arrayrecord, to_arrayrecord
 from strategies.rolora import factor_for
 from strategies.uploads import Upload
@@ -170,17 +170,19 @@ def _fake_clair(flag: set[int]):  # noqa: ANN202
     class _Client:
         def __init__(self, f: dict, flagged: bool) -> None:
             self.refined, self.flagged, self.vote, self.score = f, flagged, float(flagged), 0.0
+            self.score_z, self.truncation_error = 0.0, {}
 
     class _Result:
         def __init__(self, updates: dict) -> None:
             self.flagged = frozenset(flag & set(updates))
             self.clients = {c: _Client(f, c in flag) for c, f in updates.items()}
+            self.decision, self.diagnostics, self.modules = "vote", {}, {}
 
-    return lambda updates, config: _Result(updates)
+    return lambda updates, config, prior_z=None: _Result(updates)
 
 
 def test_clair_rolora_excludes_flagged_and_keeps_the_frozen_factor(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clair_rolora, "run_clair", _fake_clair({3}))
+    monkeypatch.setattr(clair_aggregator, "run_clair", _fake_clair({3}))
     rng = np.random.default_rng(2)
     state = {"m.lora_A.weight": rng.standard_normal((4, 10)).astype(np.float32),
              "m.lora_B.weight": np.zeros((6, 4), np.float32)}
@@ -195,3 +197,29 @@ def test_clair_rolora_excludes_flagged_and_keeps_the_frozen_factor(monkeypatch: 
     assert metrics["flagged-node-ids"] == [3] and metrics["max-reprojection-residual"] < 1e-5
     assert set(strategy.refined) == {1, 2}
     assert strategy.aggregate_factor(2, "B", uploads[:2])[0] is None  # < 3 uploads: skipped
+
+
+def test_clair_rolora_any_clair_failure_skips_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One failure rule for both CLAIR strategies: any exception from run_clair is a fallback."""
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("solver did not converge")
+
+    monkeypatch.setattr(clair_aggregator, "run_clair", broken)
+    rng = np.random.default_rng(3)
+    strategy = ClairRoLoRA(lora_alpha=8.0)
+    strategy.global_state = {"m.lora_A.weight": rng.standard_normal((4, 10)).astype(np.float32),
+                             "m.lora_B.weight": np.zeros((6, 4), np.float32)}
+    uploads = [Upload(n, {"m.lora_B.weight": rng.standard_normal((6, 4)).astype(np.float32)}, 1.0, {})
+               for n in (1, 2, 3)]
+    new, metrics = strategy.aggregate_factor(1, "B", uploads)
+    assert new is None and metrics == {"clair-fallback": 1, "num-flagged": 0}
+
+
+def test_clair_settings_come_from_config_or_keywords_not_both() -> None:
+    from clair_flower.clair import ClairConfig
+
+    cfg = ClairConfig(rank=2, vote_threshold=0.4)
+    assert ClairRoLoRA(lora_alpha=8.0, config=cfg).config is cfg
+    assert ClairRoLoRA(lora_alpha=8.0, rank=2, vote_threshold=0.4).config == cfg
+    with pytest.raises(TypeError, match="rank"):
+        ClairRoLoRA(lora_alpha=8.0, config=cfg, rank=3)

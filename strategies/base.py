@@ -1,0 +1,189 @@
+"""What every LoRA strategy of this package shares: Flower's sampling and metric plumbing, once.
+
+:class:`LoraStrategy` is to the personalised family (:mod:`strategies.personalized`) and the
+RoLoRA family (:mod:`strategies.rolora`) what Flower's ``FedAvg`` is to its subclasses: it
+samples nodes as FedAvg does (``fraction * connected``, at least ``min_*_nodes``, waiting for
+``min_available_nodes``), builds one message per node with the round in the config
+(``"server-round"``), screens every reply (:class:`~strategies.screen.ReplyScreen`) and
+reports the weighted mean of the metrics all replies share. A family decides only what each
+node is sent and how accepted uploads become the new arrays.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
+from strategies.records import to_metricrecord
+from strategies.screen import ReplyScreen, Template
+from strategies.uploads import ScreenReport, Upload, common_scalar_metrics
+
+State = dict[str, np.ndarray]
+ConfigValue = int | float | str | bool
+
+
+def weighted_metric_mean(metrics: list[Mapping[str, object]], weights: list[float],
+                         exclude: str = NUM_EXAMPLES) -> dict[str, float]:
+    """Weighted mean of the scalar metrics all replies share, ``exclude`` left out (as
+    Flower's FedAvg reports them). The one metric mean of this package."""
+    keys = [k for k in common_scalar_metrics(metrics) if k != exclude]
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {k: float(sum(wi * float(m[k]) for wi, m in zip(w, metrics))) for k in keys}  # type: ignore[arg-type]
+
+
+def weighted_mean_state(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> State:
+    """Weighted mean of state dicts with identical keys and shapes (FedAvg on factors)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {k: sum(wi * np.asarray(s[k], dtype=np.float64) for wi, s in zip(w, states)).astype(np.float32)
+            for k in states[0]}
+
+
+class LoraStrategy(Strategy):
+    """Sampling, messages, reply screen and metric means; subclasses aggregate.
+
+    Parameters
+    ----------
+    fraction_train, fraction_evaluate : float
+        Fraction of connected nodes sampled for training / evaluation (as in FedAvg).
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int
+        Lower bounds on sampled and connected nodes (as in FedAvg).
+    weighted_by_key : str
+        Scalar metric of every reply used as its weight (FedAvg's ``weighted_by_key``).
+    arrayrecord_key, configrecord_key, metricrecord_key : str
+        Record names in the messages (FlowerTune convention: ``"arrays"``, ``"config"``,
+        ``"metrics"``).
+    screen : ReplyScreen, optional
+        Checks applied to every train and evaluate reply before it is used; by default one
+        with ``max_norm_ratio``, ``any_rank`` and the record keys above.
+    max_norm_ratio : float
+        Sanity bound of the default screen (not a defence).
+    any_rank : bool
+        The default screen accepts LoRA factors of any rank (CLAIR handles mixed ranks).
+    """
+
+    def __init__(self, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
+                 weighted_by_key: str = NUM_EXAMPLES, arrayrecord_key: str = ARRAYS_KEY,
+                 configrecord_key: str = CONFIG_KEY, metricrecord_key: str = METRICS_KEY,
+                 screen: ReplyScreen | None = None, max_norm_ratio: float = 1e3,
+                 any_rank: bool = False) -> None:
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.metricrecord_key = metricrecord_key
+        self.screen = screen or ReplyScreen(any_rank=any_rank, max_norm_ratio=max_norm_ratio,
+                                            arrayrecord_key=arrayrecord_key, metricrecord_key=metricrecord_key)
+        self.last_report = ScreenReport()
+
+    # -- what a family provides ----------------------------------------------------------
+    def begin_train(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Take this round's global arrays before nodes are sampled (default: nothing)."""
+
+    def begin_evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+        """As :meth:`begin_train`, for an evaluate round."""
+
+    def node_arrays(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """What ``node_id`` is sent (default: the global arrays, as FedAvg)."""
+        return arrays
+
+    def train_config(self, server_round: int) -> dict[str, ConfigValue]:
+        """Entries added to the train ConfigRecord besides ``"server-round"`` (default: none)."""
+        return {}
+
+    def train_plan(self, server_round: int) -> str:
+        """Tail of the ``configure_train`` log line (default: empty)."""
+        return ""
+
+    @abstractmethod
+    def train_template(self, server_round: int) -> Template:
+        """Key -> shape that a correct upload of ``server_round`` holds."""
+
+    @abstractmethod
+    def aggregate_uploads(self, server_round: int, report: ScreenReport
+                          ) -> tuple[ArrayRecord | None, dict[str, object]]:
+        """New global arrays (``None``: none this round) and the round's metrics."""
+
+    # -- plumbing ------------------------------------------------------------------------
+    def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """Node ids sampled as Flower's FedAvg samples them (sorted; none for fraction 0)."""
+        if fraction == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        return sorted(node_ids)
+
+    def messages(self, server_round: int, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord,
+                 message_type: str, extra: Mapping[str, ConfigValue] | None = None) -> list[Message]:
+        """One message per node: its arrays (:meth:`node_arrays`) and ``config`` with the round."""
+        out = []
+        for nid in node_ids:
+            cfg = ConfigRecord({**dict(config), SERVER_ROUND: server_round, **(extra or {})})
+            content = RecordDict({self.arrayrecord_key: self.node_arrays(nid, arrays), self.configrecord_key: cfg})
+            out.append(Message(content=content, dst_node_id=nid, message_type=message_type,
+                               group_id=str(server_round)))
+        return out
+
+    def upload_weights(self, uploads: list[Upload]) -> list[float]:
+        """Each accepted upload's weight (``weighted_by_key`` of its metrics)."""
+        if self.weighted_by_key == NUM_EXAMPLES:
+            return [u.num_examples for u in uploads]
+        return [float(u.metrics[self.weighted_by_key]) for u in uploads]  # type: ignore[arg-type]
+
+    def train_metric_means(self, uploads: list[Upload]) -> dict[str, float]:
+        """Weighted mean of the scalar train metrics all accepted uploads share."""
+        return weighted_metric_mean([u.metrics for u in uploads], self.upload_weights(uploads))
+
+    # -- Flower's Strategy ---------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.begin_train(server_round, arrays)
+        node_ids = self.sample(grid, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_train: %d nodes%s", len(node_ids), self.train_plan(server_round))
+        return self.messages(server_round, node_ids, arrays, config, MessageType.TRAIN,
+                             self.train_config(server_round))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.screen.train(list(replies), self.train_template(server_round))
+        self.last_report = report
+        arrays, metrics = self.aggregate_uploads(server_round, report)
+        return arrays, to_metricrecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self.begin_evaluate(server_round, arrays)
+        node_ids = self.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        return self.messages(server_round, node_ids, arrays, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        ok, _ = self.screen.evaluate(list(replies))  # the screen logs every rejected reply
+        if not ok:
+            return None
+        metrics = [m for _, m in ok]
+        weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+        return to_metricrecord(weighted_metric_mean(metrics, weights))
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f", self.fraction_train, self.fraction_evaluate)
+        log(INFO, "\t├──> Minimum nodes: train %d | evaluate %d | available %d",
+            self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes)
+        log(INFO, "\t├──> Reply screen: max norm ratio %g, any rank %s",
+            self.screen.max_norm_ratio, self.screen.any_rank)
+        log(INFO, "\t└──> Keys: weighted by '%s', ArrayRecord '%s', ConfigRecord '%s', MetricRecord '%s'",
+            self.weighted_by_key, self.arrayrecord_key, self.configrecord_key, self.metricrecord_key)
