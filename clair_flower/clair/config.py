@@ -54,7 +54,7 @@ class ClairConfig:
     with a shared subspace needs ``r* / sum_k r_k``, 10% in the tests."""
     rank_rtol: float = 0.05
     consistency_tol: float = 0.02
-    path_points: int = 12
+    path_points: int = 16
     blas_threads: int | None = 1
     """BLAS threads inside ``run_clair``; 1 avoids OpenBLAS thread hand-offs that made LAPACK
     calls 10x slower on a shared 2-core machine; ``None`` keeps the library's setting."""

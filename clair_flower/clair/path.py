@@ -3,17 +3,16 @@
 On the normalised stack ``X``, ``c`` runs over a geometric grid between the two ends of the
 program's transition (:func:`transition`): below ``c_all`` the optimum is ``S = X`` (every pair
 flagged), above ``c_none`` it is ``L = X`` (no pair flagged), for any ``N``. The grid is solved
-from large to small ``c``, warm-started, stopping at the first majority-flagged point once an
-admissible point was seen (smaller ``c`` only moves more blocks into ``S``). Path points are solved to :data:`PATH_TOL`, the chosen one to the
-configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
+from small to large ``c``, warm-started: ``L`` grows from zero, so the partial SVT stays cheap, and
+the path stops once ``L`` has spread over the clients' span (larger ``c`` only spreads it more)
+or once ``L``'s rank has grown past the best admissible point's (it cannot win any more). Path
+points are solved to :data:`PATH_TOL`, the chosen one to the configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
 client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.clair.detection.consistency`), the flagged clients are a strict minority,
 and ``L`` is low-rank: 90% of its energy lies in at most ``structure_ratio`` times the largest
 rank the clients' updates could span, ``min(p, sum_k r_k)``. An ``L`` spread over that whole
-span absorbed every difference, which says "no low-rank
-structure", not "nobody is contaminated" (the top of the path, ``L = M``, is such a point
-unless ``M`` itself is low-rank).
-Among admissible points the one with the lowest effective rank of ``L`` (singular values above
+span absorbed every difference, which says "no low-rank structure", not "nobody is contaminated"
+(the top of the path, ``L = M``, is such a point unless ``M`` itself is low-rank). Among admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is
 used (``selection = "fallback"``). A float ``lam`` is the constant ``c`` itself.
@@ -37,6 +36,10 @@ PATH_TOL = 1e-4
 chosen point is then polished to ``ClairConfig.tol`` from the path point (warm: a few
 iterations), beside the other modules when its ``c`` is shared with them."""
 
+PLATEAU = 4
+"""Admissible points in a row with the same ``(effective rank, flagged count)`` after which the
+path stops: the pick is the middle of that run, and larger ``c`` could only tie with it."""
+
 PATH_BATCH = 2
 """Path points solved side by side, each warm-started from the last point of the batch before.
 The batches are fixed, so the path does not depend on how many threads run them; on 2 cores
@@ -57,10 +60,12 @@ class Transition:
     c_none: float
 
     def grid(self, num: int) -> np.ndarray:
-        """``num`` geometric points from ``c_none`` down to ``c_all`` (both ends included)."""
+        """``num`` geometric points strictly inside ``(c_all, c_none)``: both ends' optima are
+        known without a solve (every pair flagged; ``L = X``) and neither can be admissible
+        unless ``X`` itself is low-rank, which the top interior point then shows."""
         lo = max(self.c_all, 1e-6)
         hi = max(self.c_none, lo * 1.0001)
-        return np.geomspace(hi, lo, max(num, 2))
+        return np.geomspace(lo, hi, max(num, 2) + 2)[1:-1]
 
 
 def transition(problem: BlockProblem, rtol: float = 1e-10) -> Transition:
@@ -208,8 +213,8 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
             path.append(assess(res, problem, cfg, n, c, informative))
             results.append(res)
             _drop_dominated(path, results)
-            if 2 * path[-1].n_flagged >= n and any(p.admissible for p in path):
-                done = True  # smaller c only moves more blocks into S: the rest is inadmissible
+            if _past_the_window(path):
+                done = True
                 break
         if done:
             break
@@ -224,6 +229,20 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
         path[pick].iterations += res.iterations
         total += res.iterations
     return res, PathChoice(path[pick].c, path[pick].lam, mu, how, path, total, admissible=path[pick].admissible)
+
+
+def _past_the_window(path: list[PathPoint]) -> bool:
+    """No larger ``c`` can change the pick: ``L`` has spread over the clients' span, its rank has
+    grown past the best admissible point's (``L`` only grows with ``c``), or the last
+    :data:`PLATEAU` points are admissible ties."""
+    last = path[-1]
+    if not last.structured:
+        return True
+    best = min((p.effective_rank for p in path if p.admissible), default=None)
+    if best is not None and last.effective_rank > best:
+        return True
+    run = path[-PLATEAU:]
+    return len(run) == PLATEAU and all(p.admissible and p.key == last.key for p in run)
 
 
 def _pick(path: list[PathPoint], n: int, fixed: bool) -> tuple[int, str]:

@@ -33,7 +33,8 @@ def test_grid_ends_bracket_all_flagged_and_none_flagged(n, noise):
     high = solve(problem, lam_from_c(1.02 * tr.c_none, len(problem.pairs)), tol=1e-9, max_iter=5000)
     assert np.all(high.S_norms < tiny)
     grid = tr.grid(12)
-    assert grid[0] == pytest.approx(tr.c_none) and grid[-1] == pytest.approx(tr.c_all)
+    assert len(grid) == 12 and tr.c_all < grid[0] < grid[1] and grid[-2] < grid[-1] < tr.c_none
+    assert grid[0] / tr.c_all == pytest.approx(tr.c_none / grid[-1])  # geometric, ends excluded
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.3])
