@@ -12,7 +12,7 @@ node is sent and how accepted uploads become the new arrays.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 
 import numpy as np
@@ -31,7 +31,7 @@ State = dict[str, np.ndarray]
 ConfigValue = int | float | str | bool
 
 
-def weighted_metric_mean(metrics: list[Mapping[str, object]], weights: list[float],
+def weighted_metric_mean(metrics: Sequence[Mapping[str, object]], weights: Sequence[float],
                          exclude: str = NUM_EXAMPLES) -> dict[str, float]:
     """Weighted mean of the scalar metrics all replies share, ``exclude`` left out (as
     Flower's FedAvg reports them). The one metric mean of this package."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.supercore import log
@@ -33,7 +34,7 @@ MIN_UPLOADS = 3
 FALLBACK_METRICS: dict[str, object] = {"clair-fallback": 1, "num-flagged": 0}
 
 
-def clair_config(config: ClairConfig | None, **settings: object) -> ClairConfig:
+def clair_config(config: ClairConfig | None, **settings: Any) -> ClairConfig:
     """``config``, or a :class:`ClairConfig` from keyword settings (``None``: the default).
 
     A strategy takes its CLAIR settings either as ``config=`` or as keyword arguments; a
@@ -98,8 +99,12 @@ class ClairAggregator:
             return None, dict(FALLBACK_METRICS)
         t0 = time.perf_counter()
         try:
-            updates = {u.node_id: as_factors(u) for u in uploads}
-            result = run_clair(updates, self.config, self.score_z_history if self.use_score_history else None)
+            updates: dict[Hashable, Mapping[str, LoraFactors | np.ndarray]] = {
+                u.node_id: as_factors(u) for u in uploads}
+            prior: dict[Hashable, Sequence[float]] | None = None
+            if self.use_score_history:
+                prior = {n: h for n, h in self.score_z_history.items()}
+            result = run_clair(updates, self.config, prior)
         except Exception as err:  # noqa: BLE001 - a failed solve must not end the ServerApp
             log(WARNING, "CLAIR failed this round (%s: %s): %s", type(err).__name__, err, self.fallback)
             return None, dict(FALLBACK_METRICS)

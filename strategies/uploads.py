@@ -6,7 +6,7 @@ the replies of a round; every strategy of this package aggregates from them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +40,7 @@ class ScreenReport:
                 "rejected-node-ids": sorted(self.rejected), "duplicate-replies": self.duplicates}
 
 
-def common_scalar_metrics(metrics: list[Mapping[str, object]]) -> list[str]:
+def common_scalar_metrics(metrics: Sequence[Mapping[str, object]]) -> list[str]:
     """Scalar metric keys every reply has: the only ones Flower's FedAvg can average."""
     if not metrics:
         return []
