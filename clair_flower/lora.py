@@ -25,12 +25,16 @@ class LoraFormatError(ValueError):
     """A state dict that is not a well-formed set of LoRA factors."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraFactors:
-    """One adapted module of one client: ``dW = scaling * B @ A``."""
+    """One adapted module of one client: ``dW = scaling * B @ A``.
 
-    A: np.ndarray
+    Keyword-only, in the order of the product (``LoraFactors(B=B, A=A, scaling=s)``): ``A`` and
+    ``B`` are easy to swap and a square module would not notice.
+    """
+
     B: np.ndarray
+    A: np.ndarray
     scaling: float
 
     def __post_init__(self) -> None:
@@ -106,7 +110,7 @@ def factors_from_state_dict(
         b = np.asarray(state_dict[name + LORA_B_SUFFIX])
         if a.ndim != 2 or b.ndim != 2:
             raise LoraFormatError(f"{name}: factors must be 2-D, got {a.shape} and {b.shape}")
-        out[name] = LoraFactors(a, b, lora_scaling(lora_alpha, a.shape[0], use_rslora))
+        out[name] = LoraFactors(B=b, A=a, scaling=lora_scaling(lora_alpha, a.shape[0], use_rslora))
     if not out:
         raise LoraFormatError("no LoRA modules (keys ending in .lora_A.weight) found")
     return out
@@ -141,7 +145,7 @@ def refactor(
     a[:k, :] = root[:, None] * vt[:k]
     total = float(np.sqrt(np.sum(s**2)))
     err = float(np.sqrt(np.sum(s[k:] ** 2)) / total) if total > 0 else 0.0
-    return LoraFactors(a.astype(dtype), b.astype(dtype), float(scaling)), err
+    return LoraFactors(B=b.astype(dtype), A=a.astype(dtype), scaling=float(scaling)), err
 
 
 def refactor_lowrank(
@@ -162,4 +166,4 @@ def refactor_lowrank(
     a[:k, :] = root[:, None] * (vt[:k] @ right)
     total = float(np.sqrt(np.sum(s**2)))
     err = float(np.sqrt(np.sum(s[k:] ** 2)) / total) if total > 0 else 0.0
-    return LoraFactors(a.astype(dtype), b.astype(dtype), float(scaling)), err
+    return LoraFactors(B=b.astype(dtype), A=a.astype(dtype), scaling=float(scaling)), err

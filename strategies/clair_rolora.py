@@ -158,7 +158,7 @@ class ClairRoLoRA(RoLoRA):
         for name in lora_module_names(self.global_state):
             a = upload[name + LORA_A_SUFFIX] if factor == FACTOR_A else self.global_state[name + LORA_A_SUFFIX]
             b = upload[name + LORA_B_SUFFIX] if factor == FACTOR_B else self.global_state[name + LORA_B_SUFFIX]
-            out[name] = LoraFactors(a, b, lora_scaling(self.lora_alpha, a.shape[0], self.use_rslora))
+            out[name] = LoraFactors(B=b, A=a, scaling=lora_scaling(self.lora_alpha, a.shape[0], self.use_rslora))
         return out
 
     def _reproject_all(self, refined: dict[str, LoraFactors], factor: str) -> tuple[State, float]:

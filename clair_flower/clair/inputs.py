@@ -38,7 +38,7 @@ def as_factors(x: object, cid: ClientId, name: str) -> LoraFactors:
     u, s, vt = np.linalg.svd(arr.astype(np.float64), full_matrices=False)
     r = max(1, int(np.sum(s > 1e-12 * (s[0] if s.size else 0.0))))
     root = np.sqrt(s[:r])
-    return LoraFactors((root[:, None] * vt[:r]).astype(dtype), (u[:, :r] * root).astype(dtype), 1.0)
+    return LoraFactors(B=(u[:, :r] * root).astype(dtype), A=(root[:, None] * vt[:r]).astype(dtype), scaling=1.0)
 
 
 def validate_updates(updates: Mapping) -> tuple[list, list[str], dict[str, dict]]:

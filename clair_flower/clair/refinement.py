@@ -180,7 +180,7 @@ def refine_module(
             own = lowrank_svd(B[k], A[k])
             f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
         else:
-            f = LoraFactors(np.zeros_like(A[k]), np.zeros_like(B[k]), float(scalings[k]))
+            f = LoraFactors(B=np.zeros_like(B[k]), A=np.zeros_like(A[k]), scaling=float(scalings[k]))
             err = 0.0
         refined.append(f)
         errors.append(float(err))
@@ -248,7 +248,7 @@ def _refine_ranged(B, A, scalings, U, members, policy, Bm, Am, inner, t) -> tupl
             own = lowrank_svd(B[k], A[k])
             f, err = refactor_lowrank(own.left, np.diag(own.s), own.right, ranks[k], scalings[k], dtype=dtype)
         else:
-            f, err = LoraFactors(np.zeros_like(A[k]), np.zeros_like(B[k]), float(scalings[k])), 0.0
+            f, err = LoraFactors(B=np.zeros_like(B[k]), A=np.zeros_like(A[k]), scaling=float(scalings[k])), 0.0
         refined.append(f)
         errors.append(float(err))
     return refined, errors, consensus

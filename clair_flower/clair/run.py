@@ -184,4 +184,4 @@ def _policy_for_zero(f: LoraFactors, cf: ClientFactors, collab, policy: str) -> 
     if policy == "consensus":
         Bm, Am = mean_factors(cf.B, cf.A, collab)
         return top_factors(*gram_svd(Bm, Am, f.rank), f.rank, f.scaling or 1.0, dtype)
-    return LoraFactors(np.zeros_like(f.A, dtype=dtype), np.zeros_like(f.B, dtype=dtype), float(f.scaling)), 0.0
+    return LoraFactors(B=np.zeros_like(f.B, dtype=dtype), A=np.zeros_like(f.A, dtype=dtype), scaling=float(f.scaling)), 0.0

@@ -156,7 +156,7 @@ def make_instance(
                 B = B / scaling
             else:
                 B, A = _client_factors(rng, Bk, Ak, ranks[k], alpha)
-            updates[k][name] = LoraFactors(A, B, alpha / ranks[k])
+            updates[k][name] = LoraFactors(B=B, A=A, scaling=alpha / ranks[k])
     return SyntheticInstance(updates, Us, bad, clean)
 
 
@@ -198,5 +198,5 @@ def make_large_factors(
             B = B @ R
             A = R.T @ A
         B = (B / scaling).astype(np.float32)  # numpy 2: float64 scalars would promote to float64
-        out[k] = LoraFactors(np.ascontiguousarray(A, dtype=np.float32), np.ascontiguousarray(B), scaling)
+        out[k] = LoraFactors(B=np.ascontiguousarray(B), A=np.ascontiguousarray(A, dtype=np.float32), scaling=scaling)
     return out, U, bad

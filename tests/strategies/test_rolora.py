@@ -91,11 +91,11 @@ def test_reprojection_is_exact_in_the_frozen_factors_span() -> None:
     rng = np.random.default_rng(1)
     a, b_true = rng.standard_normal((4, 16)), rng.standard_normal((12, 4))
     mix = rng.standard_normal((4, 4))  # same dW, factored differently (another basis, scaling)
-    refined = LoraFactors(np.linalg.inv(mix) @ a, 2.0 * b_true @ mix, 1.0)
+    refined = LoraFactors(B=2.0 * b_true @ mix, A=np.linalg.inv(mix) @ a, scaling=1.0)
     b_new, residual = reproject(refined, a.astype(np.float32), "B", scaling=2.0)
     np.testing.assert_allclose(b_new, b_true, rtol=1e-4, atol=1e-4)
     assert residual < 1e-5
-    off = LoraFactors(rng.standard_normal((4, 16)), b_true, 1.0)  # row space outside rowspan(A)
+    off = LoraFactors(B=b_true, A=rng.standard_normal((4, 16)), scaling=1.0)  # row space outside rowspan(A)
     assert reproject(off, a.astype(np.float32), "B", scaling=1.0)[1] > 0.1
 
 

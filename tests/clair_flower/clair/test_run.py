@@ -61,7 +61,7 @@ def test_detection_invariant_to_factor_reparametrisation():
     for k, mods in inst.updates.items():
         f = mods["m0"]
         R = rng.standard_normal((f.rank, f.rank)) + 3 * np.eye(f.rank)
-        moved[k] = {"m0": LoraFactors(np.linalg.solve(R, f.A), f.B @ R, f.scaling)}
+        moved[k] = {"m0": LoraFactors(B=f.B @ R, A=np.linalg.solve(R, f.A), scaling=f.scaling)}
     other = run_clair(moved, ClairConfig())
     assert other.flagged == base.flagged == inst.contaminated
     for k in inst.updates:
@@ -165,7 +165,7 @@ def test_bad_input_nan():
     f = u[2]["m0"]
     A = f.A.copy()
     A[0, 0] = np.nan
-    u[2]["m0"] = LoraFactors(A, f.B, f.scaling)
+    u[2]["m0"] = LoraFactors(B=f.B, A=A, scaling=f.scaling)
     with pytest.raises(ClairInputError, match=r"client 2.*module 'm0'.*NaN"):
         run_clair(u)
 
@@ -203,7 +203,7 @@ def test_all_zero_update_is_excluded_with_reason():
     inst = make_instance(n_clients=12, p=16, q=16, frac_contaminated=0.0, seed=2)
     u = dict(inst.updates)
     f = u[5]["m0"]
-    u[5] = {"m0": LoraFactors(f.A, np.zeros_like(f.B), f.scaling)}
+    u[5] = {"m0": LoraFactors(B=np.zeros_like(f.B), A=f.A, scaling=f.scaling)}
     res = run_clair(u)
     assert res.flagged == frozenset({5}) and res.clients[5].reason == "all-zero update"
     assert res.diagnostics["excluded_zero"] == ["5"]
@@ -213,7 +213,7 @@ def test_all_zero_update_is_excluded_with_reason():
 def test_all_zero_leaving_too_few_clients_raises():
     u = _good(n=3)
     f = u[0]["m0"]
-    u[0] = {"m0": LoraFactors(f.A, np.zeros_like(f.B), f.scaling)}
+    u[0] = {"m0": LoraFactors(B=np.zeros_like(f.B), A=f.A, scaling=f.scaling)}
     with pytest.raises(ClairInputError, match="non-zero"):
         run_clair(u)
 
@@ -271,7 +271,7 @@ def test_structured_round_is_decided_by_the_vote():
 def _unstructured(n: int = 10, seed: int = 0) -> dict:
     """Full-rank, independent updates: no shared subspace, nobody contaminated in particular."""
     rng = np.random.default_rng(seed)
-    return {k: {"m0": LoraFactors(rng.standard_normal((4, 20)), rng.standard_normal((24, 4)), 2.0)}
+    return {k: {"m0": LoraFactors(B=rng.standard_normal((24, 4)), A=rng.standard_normal((4, 20)), scaling=2.0)}
             for k in range(n)}
 
 
