@@ -29,6 +29,7 @@ from clair_flower.clair import detection
 from clair_flower.clair.config import ClairConfig
 from clair_flower.clair.decomposition import BlockProblem, block_norms, lam_from_c
 from clair_flower.clair.solvers import SolveResult, solve
+from clair_flower.clair.solvers.fast import spectral_norm
 from clair_flower.clair.threads import map_lazy
 
 PATH_TOL = 1e-4
@@ -69,18 +70,19 @@ class Transition:
 
 
 def transition(problem: BlockProblem, rtol: float = 1e-10) -> Transition:
-    """Both ends of the transition from the stack's small Grams (``d x d``, ``d`` = its rows)."""
-    X = problem.X.astype(np.float64, copy=False)
+    """Both ends of the transition: ``c_none`` from the stack's ``d x d`` Gram (``d`` its rows;
+    the product in the stack's dtype, the eigensolver in float64), ``c_all`` from ``||N||_2``
+    by power iteration (no second Gram)."""
+    X = problem.X
     n_pairs = len(problem.pairs)
-    e, U = np.linalg.eigh(X @ X.T)
+    e, U = np.linalg.eigh((X @ X.T).astype(np.float64))
     keep = e > rtol * max(float(e[-1]), 1e-300)
     U, s = U[:, keep], np.sqrt(e[keep])
-    V = (U.T @ X) / s[:, None]  # rows of V^T
+    V = (U.T.astype(X.dtype) @ X) / s[:, None].astype(X.dtype)  # rows of V^T
     v_norms = block_norms(V, problem.widths)
     scale = np.repeat(np.divide(1.0, problem.block_norms, out=np.zeros_like(problem.block_norms),
-                                where=problem.block_norms > 0), problem.widths)
-    N = X * scale
-    n_norm = math.sqrt(max(float(np.linalg.eigvalsh(N @ N.T)[-1]), 1e-300))
+                                where=problem.block_norms > 0), problem.widths).astype(X.dtype)
+    n_norm = max(spectral_norm(X * scale), 1e-150)
     sq = math.sqrt(n_pairs)
     return Transition(c_all=sq / n_norm, c_none=sq * float(v_norms.max(initial=0.0)))
 
