@@ -82,7 +82,7 @@ class RunConfig:
     # CLAIR
     clair_rank: int = 0
     clair_solver: str = _CLAIR.solver
-    clair_lambda: str = str(_CLAIR.lam)
+    clair_c: str = str(_CLAIR.c)
     clair_policy: str = _CLAIR.flagged_policy
     clair_no_structure: str = _CLAIR.no_structure
     # robust baselines: attackers assumed by Krum/Bulyan/trimmed mean (-1: from attack-fraction)
@@ -115,13 +115,13 @@ class RunConfig:
         for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "max-norm-ratio"):
             if not getattr(self, _field(key)) > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, _field(key))}")
-        if self.clair_lambda != "auto":
+        if self.clair_c != "auto":
             try:
-                lam = float(self.clair_lambda)
+                c = float(self.clair_c)
             except ValueError:
-                raise ConfigError(f"clair-lambda must be 'auto' or a positive number, got {self.clair_lambda!r}") from None
-            if lam <= 0:
-                raise ConfigError(f"clair-lambda must be positive, got {lam}")
+                raise ConfigError(f"clair-c must be 'auto' or a positive number, got {self.clair_c!r}") from None
+            if c <= 0:
+                raise ConfigError(f"clair-c must be positive, got {c}")
         if self.output_dir and not os.path.isabs(os.path.expanduser(self.output_dir)):
             raise ConfigError(
                 f"output-dir must be an absolute path (the SuperLink's working directory is not "

@@ -45,8 +45,8 @@ def _screened(strategy: Strategy, cfg: RunConfig) -> Strategy:
 
 def _clair_config(cfg: RunConfig, plus: bool = False) -> ClairConfig:
     """The run config's CLAIR settings, packed once."""
-    lam: str | float = cfg.clair_lambda if cfg.clair_lambda == "auto" else float(cfg.clair_lambda)
-    return ClairConfig(rank=cfg.clair_rank or None, solver=cfg.clair_solver, lam=lam,
+    c: str | float = cfg.clair_c if cfg.clair_c == "auto" else float(cfg.clair_c)
+    return ClairConfig(rank=cfg.clair_rank or None, solver=cfg.clair_solver, c=c,
                        flagged_policy=cfg.clair_policy, no_structure=cfg.clair_no_structure,
                        in_subspace_stage=plus, seed=cfg.seed)
 
@@ -88,7 +88,7 @@ def _factorwise(cfg: RunConfig, name: str) -> Strategy:
     from strategies.clair_rolora import ClairRoLoRA  # imports cvxpy: only when asked for
 
     # CLAIR-RoLoRA has no flagged_policy / no_structure: flagged clients are dropped.
-    config = ClairConfig(rank=cfg.clair_rank or None, solver=cfg.clair_solver, lam=_clair_config(cfg).lam,
+    config = ClairConfig(rank=cfg.clair_rank or None, solver=cfg.clair_solver, c=_clair_config(cfg).c,
                          seed=cfg.seed)
     return ClairRoLoRA(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=config,
                        max_norm_ratio=cfg.max_norm_ratio, **_sampling(cfg, at_least=3))

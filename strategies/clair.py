@@ -55,8 +55,9 @@ class ClairStrategy(PersonalizedLoraStrategy):
         ``r_hat``, the rank of the shared subspace; ``None`` picks it from the singular gap.
     solver : {"fast", "reference"}
         Exact reduced solver, or the cvxpy reference (small problems only).
-    lam : "auto" or float
-        Penalty of the block-sparse part; "auto" is the scale-free data-driven selection.
+    c : "auto" or float
+        The constant of the block-sparse penalty ``lam = c / sqrt(|P|)`` on the normalised
+        stack; "auto" chooses it along the path that spans the program's transition.
     flag_threshold, vote_threshold : float
         A pair is flagged when its sparse block exceeds ``flag_threshold`` relative to the
         block scale; a client when more than ``vote_threshold`` of its pairs are flagged.
@@ -78,7 +79,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
 
     def __init__(self, *, lora_alpha: float, use_rslora: bool = False, config: ClairConfig | None = None,
                  rank: int | None = None, solver: str = "fast", form: str = "constrained",
-                 lam: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
+                 c: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  flagged_policy: str = "consensus", no_structure: str = "mean",
                  in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
                  max_norm_ratio: float = 1e3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
@@ -92,7 +93,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
                          metricrecord_key=metricrecord_key)
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        cfg = clair_config(config, rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
+        cfg = clair_config(config, rank=rank, solver=solver, form=form, c=c, pairs=pairs,
                            flag_threshold=flag_threshold, vote_threshold=vote_threshold,
                            flagged_policy=flagged_policy, no_structure=no_structure,
                            in_subspace_stage=in_subspace_stage, seed=seed)
@@ -117,7 +118,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
         c = self.config
         log(INFO, "\t├──> CLAIR: lora_alpha %g%s, r_hat %s, solver %s (%s form), lambda %s",
             self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)",
-            c.solver, c.form, c.lam)
+            c.solver, c.form, c.c)
         log(INFO, "\t├──> Detection: pairs %s, flag threshold %s, vote > %.2f, in-subspace stage %s",
             c.pairs, c.flag_threshold, c.vote_threshold, c.in_subspace_stage)
         log(INFO, "\t├──> Flagged clients get: %s; trusted clients of a round without structure: %s",

@@ -97,7 +97,7 @@ class ClairRoLoRA(RoLoRA):
         The clients' PEFT scaling, so that ``dW_k = s B_k A`` with ``s = alpha / r``.
     config : ClairConfig, optional
         Every CLAIR setting at once; then the CLAIR keyword arguments stay at their defaults.
-    rank, solver, form, lam, flag_threshold, vote_threshold, in_subspace_stage, pairs, seed
+    rank, solver, form, c, flag_threshold, vote_threshold, in_subspace_stage, pairs, seed
         CLAIR settings, as in :class:`strategies.clair.ClairStrategy`.
     **kwargs
         RoLoRA's sampling, keys and screen settings (``min_train_nodes`` defaults to 3).
@@ -105,13 +105,13 @@ class ClairRoLoRA(RoLoRA):
 
     def __init__(self, *, lora_alpha: float, use_rslora: bool = False, config: ClairConfig | None = None,
                  rank: int | None = None, solver: str = "fast", form: str = "constrained",
-                 lam: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
+                 c: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
                  min_train_nodes: int = 3, min_available_nodes: int = 3, **kwargs: Any) -> None:
         super().__init__(min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes, **kwargs)
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        cfg = clair_config(config, rank=rank, solver=solver, form=form, lam=lam, pairs=pairs,
+        cfg = clair_config(config, rank=rank, solver=solver, form=form, c=c, pairs=pairs,
                            flag_threshold=flag_threshold, vote_threshold=vote_threshold,
                            in_subspace_stage=in_subspace_stage, seed=seed)
         self.clair = ClairAggregator(cfg, label="CLAIR-RoLoRA", fallback="round skipped",
@@ -133,7 +133,7 @@ class ClairRoLoRA(RoLoRA):
         log(INFO, "\t├──> CLAIR-RoLoRA: alternating factors (B first), CLAIR on s*B_k@A / s*B@A_k")
         log(INFO, "\t├──> CLAIR: lora_alpha %g%s, r_hat %s, solver %s, lambda %s, in-subspace stage %s",
             self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)", c.solver,
-            c.lam, c.in_subspace_stage)
+            c.c, c.in_subspace_stage)
         LoraStrategy.summary(self)
 
     # -- checkpoint --------------------------------------------------------------------

@@ -14,14 +14,14 @@ NO_STRUCTURE_POLICIES = ("mean", "own", "refine")
 class ClairConfig:
     """Settings of one CLAIR aggregation (``docs/DESIGN.md`` section 3 explains each rule).
 
-    ``lam`` is ``"auto"`` (the constant ``c`` of ``lam = c / sqrt(|P|)`` chosen along a path,
-    see :mod:`clair_flower.clair.path`) or a fixed positive ``c``.
+    ``c`` is the constant of the penalty ``lam = c / sqrt(|P|)``: ``"auto"`` (chosen along a
+    path, see :mod:`clair_flower.clair.path`) or a fixed positive number.
     """
 
     rank: int | None = None
     solver: str = "fast"
     form: str = "constrained"
-    lam: str | float = "auto"
+    c: str | float = "auto"
     pairs: str = "all"
     pair_degree: int | None = None
     flag_threshold: float = 0.25
@@ -63,8 +63,8 @@ class ClairConfig:
     one per CPU core. Results do not depend on it. Two solves on two threads each run about 40%
     slower than one alone (Python-level work between kernels holds the GIL), so 2 cores give
     about 1.4x."""
-    share_lam: bool = True
-    """With ``lam="auto"``: reuse the ``c`` chosen on the first module for every other module
+    share_c: bool = True
+    """With ``c="auto"``: reuse the ``c`` chosen on the first module for every other module
     whose point at that ``c`` is admissible (the rest run their own path)."""
 
     def validate(self) -> None:
@@ -77,8 +77,8 @@ class ClairConfig:
             raise ValueError(f"flagged_policy must be one of {POLICIES}, got {self.flagged_policy!r}")
         if self.no_structure not in NO_STRUCTURE_POLICIES:
             raise ValueError(f"no_structure must be one of {NO_STRUCTURE_POLICIES}, got {self.no_structure!r}")
-        if not (self.lam == "auto" or (isinstance(self.lam, (int, float)) and self.lam > 0)):
-            raise ValueError(f"lam must be 'auto' or a positive float, got {self.lam!r}")
+        if not (self.c == "auto" or (isinstance(self.c, (int, float)) and self.c > 0)):
+            raise ValueError(f"c must be 'auto' or a positive number, got {self.c!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be None or >= 1, got {self.rank}")
         if not 0.0 < self.structure_ratio <= 1.0:

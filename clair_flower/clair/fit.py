@@ -1,7 +1,7 @@
 """Steps 1 to 3 for every module: the stacked differences, their decomposition, the subspace.
 
 Each module's outcome is a :class:`ModuleFit`. The first module runs the lambda path; with
-``share_lam`` every other module is solved at the ``c`` it chose and keeps it where it is
+``share_c`` every other module is solved at the ``c`` it chose and keeps it where it is
 admissible there (``selection = "shared"``), so a many-module round solves one path, not one per
 module. Modules run on a thread each (:mod:`clair_flower.clair.threads`).
 """
@@ -87,7 +87,7 @@ def fit_module(problem: BlockProblem, t_red: float, res: SolveResult, choice: Pa
 
 def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair],
                       cfg: ClairConfig, n: int) -> dict[str, ModuleFit]:
-    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_lam``).
+    """Steps 1-2 for every module; the first module's ``c`` is offered to the rest (``share_c``).
 
     The first module runs its path alone, on every worker; with an admissible pick it is then
     polished at that ``c`` (from its path point) while every other module is solved at it, on
@@ -117,7 +117,7 @@ def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Seq
 
     workers = cfg.workers or os.cpu_count() or 1
     m0 = modules[0]
-    share = cfg.share_lam and cfg.lam == "auto"
+    share = cfg.share_c and cfg.c == "auto"
     pre0 = checked(lambda: build_problem(client_factors(fac, m0, active), pairs, cfg), m0)
     t0 = time.perf_counter()
     res0, path0 = checked(lambda: solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0)

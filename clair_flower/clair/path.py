@@ -15,7 +15,7 @@ span absorbed every difference, which says "no low-rank structure", not "nobody 
 (the top of the path, ``L = M``, is such a point unless ``M`` itself is low-rank). Among admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
 run of ``c``. With no admissible point, the most consistent point with a flagged minority is
-used (``selection = "fallback"``). A float ``lam`` is the constant ``c`` itself.
+used (``selection = "fallback"``). A fixed ``ClairConfig.c`` is solved alone.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class PathChoice:
     """The point a module is solved at, and the path that led there.
 
     ``selection`` is ``"admissible"``, ``"shared"`` (another module's ``c``, admissible here),
-    ``"fallback"`` (no admissible point) or ``"fixed"`` (a float ``lam``). ``deferred``: the
+    ``"fallback"`` (no admissible point) or ``"fixed"`` (a fixed ``ClairConfig.c``). ``deferred``: the
     pick is still at the path's tolerance; the caller polishes it.
     """
 
@@ -188,11 +188,11 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
     with ``deferred=True``: the caller polishes it to full accuracy beside the other modules.
     """
     pairs = problem.pairs
-    cs = [float(cfg.lam)] if cfg.lam != "auto" else [float(c) for c in transition(problem).grid(cfg.path_points)]
+    cs = [float(cfg.c)] if cfg.c != "auto" else [float(c) for c in transition(problem).grid(cfg.path_points)]
     mu = penalty_weight(problem, cfg)
     informative = detection.informative_pairs(problem.block_norms)
     spent = 0
-    if c_shared is not None and cfg.lam == "auto":
+    if c_shared is not None and cfg.c == "auto":
         res = solve(problem, lam_from_c(c_shared, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
                     max_iter=cfg.max_iter, warm=warm)
         point = assess(res, problem, cfg, n, c_shared, informative)

@@ -22,7 +22,7 @@ def test_pyproject_defaults_match_runconfig() -> None:
     ("attack-fraction", 0.5, "contaminated minority"),
     ("model-width", 65, "divisible by model-heads"),
     ("max-len", 2, "max-len"),
-    ("clair-lambda", "big", "clair-lambda"),
+    ("clair-c", "big", "clair-c"),
     ("fraction-train", 0.0, "fraction-train"),
     ("use-rslora", 1, "true or false"),
     ("attack", "poison", "sign-flip"),

@@ -222,7 +222,7 @@ STRATEGIES: dict[str, Callable[[], object]] = {
     "fedavg": _fedavg,
     # A fixed penalty solves each module once instead of along the 12-point path: the screen
     # is under test here, and it runs before any of that (the default is tried below).
-    "clair": lambda: ClairStrategy(lora_alpha=8.0, lam=1.0),
+    "clair": lambda: ClairStrategy(lora_alpha=8.0, c=1.0),
     "clair-default": lambda: ClairStrategy(lora_alpha=8.0),
 }
 

@@ -113,7 +113,7 @@ def test_sampled_pairs_at_larger_n():
 
 def test_reference_solver_end_to_end_agrees_with_fast():
     inst = make_instance(n_clients=6, p=8, q=8, shared_rank=2, frac_contaminated=0.2, seed=1)
-    cfg = dict(lam=2.0)
+    cfg = dict(c=2.0)
     a = run_clair(inst.updates, ClairConfig(solver="fast", **cfg))
     b = run_clair(inst.updates, ClairConfig(solver="reference", **cfg))
     assert a.flagged == b.flagged == inst.contaminated
