@@ -1,5 +1,8 @@
 """Contaminated-client behaviour for the S-copy simulation: data poisoning and model poisoning.
 
+(Over 400 lines: the catalogue of eleven attacks, each a short function, and the one table that
+documents them; it reads as one list.)
+
 Pure numpy, no Flower: the ClientApp decides *whether* a client attacks
 (:func:`contaminated_partitions`, :func:`is_active`) and calls :func:`data_poison` on its
 training arrays or :func:`poison_update` on the PEFT LoRA state dict it is about to upload.

@@ -1,5 +1,8 @@
 """Fast exact solver: first-order methods on the reduced problem.
 
+(Over 400 lines: one solver whose ADMM sweep, partial SVT and FISTA share private state and
+helpers; split, each part would import the others' internals.)
+
 The problem handed in is usually :func:`~clair_flower.clair.decomposition.reduced_problem`, whose size
 depends on the client ranks and the pair count only, so the iterations below never touch
 ``p x q`` data. Both methods are run to a tight tolerance (default ``1e-7`` relative), which is
