@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from client_apps.copy_client import app as copy_client_app
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from server_apps.runner import run_federation
+from clair_flower.client_apps.copy_client import app as copy_client_app
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.server_apps.runner import run_federation
 
 STRATEGIES = ("clair", "fedavg", "local", "oracle")
 WORKLOADS: dict[str, dict[str, object]] = {

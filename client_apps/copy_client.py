@@ -22,16 +22,16 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clair_flower.copytask import attacks
-from server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config, task_config, train_config
-from server_apps.run_config import attack_config as _run_attack_config
+from clair_flower.server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config, task_config, train_config
+from clair_flower.server_apps.run_config import attack_config as _run_attack_config
 from clair_flower.copytask.model import load_base_model, wrap_lora
 from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
 from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_client_data
 from clair_flower.copytask.training import evaluate, train_local
-from strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES, METRICS_KEY,
+from clair_flower.strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES, METRICS_KEY,
                                  NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, TRAIN_FACTORS,
                                  TRAIN_LOSS, TRAIN_SECONDS, UPLOAD_FACTORS)
-from strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
 
 GROUND_TRUTH_KEY = CONTAMINATED
 BAD_REQUEST = 400

@@ -134,7 +134,7 @@ def fused_run_config(overrides: str | Mapping[str, object] = "", app_dir: Path =
 def warm_base_model(run_config: str | Mapping[str, object] = "", app_dir: Path = REPO_ROOT) -> Path:
     """Pre-train (or find) the base model the run will use, in ``$CLAIR_FLOWER_CACHE``, so no
     ServerApp/ClientApp process pre-trains it mid-round. Returns the cached file."""
-    from server_apps.run_config import RunConfig, model_config, task_config
+    from clair_flower.server_apps.run_config import RunConfig, model_config, task_config
     from clair_flower.copytask.model import cache_path, default_cache_dir, load_base_model
 
     cfg = RunConfig.from_mapping(fused_run_config(run_config, app_dir))

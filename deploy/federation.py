@@ -27,7 +27,7 @@ started by pid (and the helpers those spawned: SuperExec, ServerApp, ClientApp p
 This module is the command line (``python -m deploy.federation`` from the repository root works
 too) and re-exports the pieces: :mod:`deploy.tls` (certificates, node keys), :mod:`deploy.config`
 (process environment, command lines, ``config.toml``, run config), :mod:`deploy.local`
-(:class:`LocalFederation`) and :mod:`server_apps.processes` (start and stop by pid).
+(:class:`LocalFederation`) and :mod:`clair_flower.server_apps.processes` (start and stop by pid).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from deploy.config import (BASE_ENV, CONNECTION, REPO_ROOT, FederationSpec, app_
                            flower_env, fused_run_config, run_config_string, warm_base_model, write_flwr_config)
 from deploy.local import LocalFederation, RunResult, free_port  # noqa: E402
 from deploy.tls import TlsFiles, generate_node_keys, generate_tls  # noqa: E402
-from server_apps.processes import ProcessGroup, descendants, tail  # noqa: E402
+from clair_flower.server_apps.processes import ProcessGroup, descendants, tail  # noqa: E402
 
 __all__ = ["BASE_ENV", "CONNECTION", "REPO_ROOT", "FederationSpec", "LocalFederation", "ProcessGroup", "RunResult",
            "TlsFiles", "app_config_keys", "descendants", "flower_env", "free_port", "fused_run_config",

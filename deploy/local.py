@@ -1,5 +1,5 @@
 """A whole federation on loopback: a SuperLink and N SuperNodes on free ports, started,
-checked and stopped by pid (:class:`server_apps.processes.ProcessGroup`), and ``flwr run``."""
+checked and stopped by pid (:class:`clair_flower.server_apps.processes.ProcessGroup`), and ``flwr run``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from deploy.config import (CONNECTION, REPO_ROOT, FederationSpec, flower_bin, flower_env, run_config_string,
                            write_flwr_config)
 from deploy.tls import generate_node_keys, generate_tls
-from server_apps.processes import ProcessGroup, signal_pids, tail
+from clair_flower.server_apps.processes import ProcessGroup, signal_pids, tail
 
 
 def free_port(host: str = "127.0.0.1", avoid: Iterable[int] = (39091, 39092, 39093, 8000, 9094)) -> int:

@@ -16,7 +16,7 @@ out="${CLAIR_FLOWER_OUTPUT:-$PWD/outputs}/demo-$(date +%Y%m%d-%H%M%S)"
 
 # flwr run leaves its local SuperLink running: stop the one this script's FLWR_HOME started,
 # also when the run fails.
-trap 'python -c "from server_apps.local_superlink import stop_pids, superlink_pids; stop_pids(superlink_pids('\''$FLWR_HOME'\''))"' EXIT
+trap 'python -c "from clair_flower.server_apps.local_superlink import stop_pids, superlink_pids; stop_pids(superlink_pids('\''$FLWR_HOME'\''))"' EXIT
 
 flwr run . --stream \
   --run-config "strategy='${STRATEGY:-clair}' attack='random' attack-fraction=0.3 output-dir='$out' ${1:-}" \

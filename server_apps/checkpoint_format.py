@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from strategies.state import CheckpointError, HasServerState, StrategyState
+from clair_flower.strategies.state import CheckpointError, HasServerState, StrategyState
 
 FORMAT = "clair-flower-checkpoint"
 VERSION = 1

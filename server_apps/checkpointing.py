@@ -1,4 +1,4 @@
-"""Checkpoint and resume for the ServerApp: Flower's side of :mod:`server_apps.checkpoint_format`.
+"""Checkpoint and resume for the ServerApp: Flower's side of :mod:`clair_flower.server_apps.checkpoint_format`.
 
 After every round the server state is saved under ``<output-dir>/checkpoints/``: the arrays
 the next round starts from, and the strategy's own state (per-node adapters, flag history,
@@ -19,12 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from server_apps.checkpoint_format import (CHECKPOINT_DIR, Checkpoint, CheckpointError, HasServerState,
+from clair_flower.server_apps.checkpoint_format import (CHECKPOINT_DIR, Checkpoint, CheckpointError, HasServerState,
                                      check_compatible, clear_checkpoints, latest_checkpoint,
                                      save_checkpoint)
-from server_apps.run_config import RunConfig
-from strategies.protocol import ASK, CONFIG_KEY, PARTITION_ID
-from strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.server_apps.run_config import RunConfig
+from clair_flower.strategies.protocol import ASK, CONFIG_KEY, PARTITION_ID
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
 
 PARTITION_KEY = PARTITION_ID
 # Run-config keys a resumed run may change: how long it runs, where, and resume itself.

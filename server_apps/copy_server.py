@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server_apps.runner import run_federation
+from clair_flower.server_apps.runner import run_federation
 
 app = ServerApp()
 

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity  # private API: flwr pinned to 1.41.*
 
-from strategies.protocol import NUM_PARTITIONS, PARTITION_ID
+from clair_flower.strategies.protocol import NUM_PARTITIONS, PARTITION_ID
 
 SERVER_NODE_ID = 0
 CLIENT_EXCEPTION = 500

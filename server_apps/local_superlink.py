@@ -2,7 +2,7 @@
 
 ``flwr run .`` leaves a SuperLink running after the run. It is found by the ``FLWR_HOME``
 in its environment (each run of ours uses its own), and stopped by pid, never by name, so
-other Flower processes on the machine are left alone (:func:`server_apps.processes.stop_pids`:
+other Flower processes on the machine are left alone (:func:`clair_flower.server_apps.processes.stop_pids`:
 SIGTERM, then SIGKILL after a grace period).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server_apps.processes import stop_pids
+from clair_flower.server_apps.processes import stop_pids
 
 __all__ = ["stop_pids", "superlink_pids"]
 

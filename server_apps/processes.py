@@ -1,7 +1,7 @@
 """Processes started and stopped by pid: finding descendants, telling a reused pid from the
 process we saw, and the one stop loop (SIGTERM, wait, SIGKILL what is left) that the
 deployment (:mod:`deploy.local`) and ``flwr run``'s local SuperLink
-(:mod:`server_apps.local_superlink`) share.
+(:mod:`clair_flower.server_apps.local_superlink`) share.
 
 Nothing here finds a process by name: every pid is one we started or a descendant of one.
 """

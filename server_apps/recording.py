@@ -22,9 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from server_apps.results import RunWriter, detection_rates
-from server_apps.checkpointing import RoundCheckpoints
-from strategies.protocol import CONTAMINATED, PARTITION_ID, TRAIN_SECONDS
+from clair_flower.server_apps.results import RunWriter, detection_rates
+from clair_flower.server_apps.checkpointing import RoundCheckpoints
+from clair_flower.strategies.protocol import CONTAMINATED, PARTITION_ID, TRAIN_SECONDS
 
 GROUND_TRUTH_KEY = CONTAMINATED
 PARTITION_KEY = PARTITION_ID

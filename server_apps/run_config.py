@@ -89,7 +89,7 @@ class RunConfig:
     num_malicious: int = -1
 
     def __post_init__(self) -> None:
-        from server_apps.strategy_factory import BUILDERS  # the strategy names are the builders'
+        from clair_flower.server_apps.strategy_factory import BUILDERS  # the strategy names are the builders'
 
         _one_of("strategy", self.strategy, tuple(BUILDERS))
         _one_of("model-arch", self.model_arch, MODEL_ARCHS)

@@ -1,6 +1,6 @@
 """What the ServerApp does, as a plain function of a Grid and a run config.
 
-``flwr run`` calls it through :mod:`server_apps.copy_server`; tests and the experiment
+``flwr run`` calls it through :mod:`clair_flower.server_apps.copy_server`; tests and the experiment
 runner call it with an in-process Grid. Same code either way.
 """
 
@@ -18,15 +18,15 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from server_apps.checkpoint_format import Checkpoint
-from server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config
+from clair_flower.server_apps.checkpoint_format import Checkpoint
+from clair_flower.server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config
 from clair_flower.copytask.model import load_base_model, wrap_lora
 from clair_flower.copytask.peft_io import get_adapter_arrays
-from server_apps.results import RunWriter, last_value, mean_value
-from server_apps.checkpointing import RoundCheckpoints, query_partitions
-from server_apps.recording import RecordingStrategy
-from server_apps.strategy_factory import build_strategy
-from strategies.records import to_arrayrecord
+from clair_flower.server_apps.results import RunWriter, last_value, mean_value
+from clair_flower.server_apps.checkpointing import RoundCheckpoints, query_partitions
+from clair_flower.server_apps.recording import RecordingStrategy
+from clair_flower.server_apps.strategy_factory import build_strategy
+from clair_flower.strategies.records import to_arrayrecord
 
 OUTPUT_ENV = "CLAIR_FLOWER_OUTPUT"
 

@@ -8,10 +8,10 @@ from typing import TypedDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from clair_flower.clair.config import ClairConfig
-from server_apps.run_config import ConfigError, RunConfig
-from strategies.local import LocalOnly
-from strategies.screen import ReplyScreen
-from strategies.screened import ScreenedStrategy
+from clair_flower.server_apps.run_config import ConfigError, RunConfig
+from clair_flower.strategies.local import LocalOnly
+from clair_flower.strategies.screen import ReplyScreen
+from clair_flower.strategies.screened import ScreenedStrategy
 
 
 def assumed_attackers(cfg: RunConfig, num_nodes: int) -> int:
@@ -52,7 +52,7 @@ def _clair_config(cfg: RunConfig, plus: bool = False) -> ClairConfig:
 
 
 def _clair(cfg: RunConfig, num_nodes: int, plus: bool = False) -> Strategy:
-    from strategies.clair import ClairStrategy  # imports cvxpy: only when CLAIR is asked for
+    from clair_flower.strategies.clair import ClairStrategy  # imports cvxpy: only when CLAIR is asked for
 
     return ClairStrategy(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=_clair_config(cfg, plus),
                          max_norm_ratio=cfg.max_norm_ratio, **_sampling(cfg, at_least=3))
@@ -78,14 +78,14 @@ def _trimmed(cfg: RunConfig, num_nodes: int) -> Strategy:
 
 def _factorwise(cfg: RunConfig, name: str) -> Strategy:
     """RoLoRA, FFA-LoRA or CLAIR-RoLoRA: one LoRA factor trained and uploaded per round."""
-    from strategies.ffa_lora import FFALoRA
-    from strategies.rolora import RoLoRA
+    from clair_flower.strategies.ffa_lora import FFALoRA
+    from clair_flower.strategies.rolora import RoLoRA
 
     if name == "rolora":
         return RoLoRA(max_norm_ratio=cfg.max_norm_ratio, **_sampling(cfg))
     if name == "ffa-lora":
         return FFALoRA(max_norm_ratio=cfg.max_norm_ratio, **_sampling(cfg))
-    from strategies.clair_rolora import ClairRoLoRA  # imports cvxpy: only when asked for
+    from clair_flower.strategies.clair_rolora import ClairRoLoRA  # imports cvxpy: only when asked for
 
     # CLAIR-RoLoRA has no flagged_policy / no_structure: flagged clients are dropped.
     config = ClairConfig(rank=cfg.clair_rank or None, solver=cfg.clair_solver, c=_clair_config(cfg).c,

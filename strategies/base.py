@@ -1,10 +1,10 @@
 """What every LoRA strategy of this package shares: Flower's sampling and metric plumbing, once.
 
-:class:`LoraStrategy` is to the personalised family (:mod:`strategies.personalized`) and the
-RoLoRA family (:mod:`strategies.rolora`) what Flower's ``FedAvg`` is to its subclasses: it
+:class:`LoraStrategy` is to the personalised family (:mod:`clair_flower.strategies.personalized`) and the
+RoLoRA family (:mod:`clair_flower.strategies.rolora`) what Flower's ``FedAvg`` is to its subclasses: it
 samples nodes as FedAvg does (``fraction * connected``, at least ``min_*_nodes``, waiting for
 ``min_available_nodes``), builds one message per node with the round in the config
-(``"server-round"``), screens every reply (:class:`~strategies.screen.ReplyScreen`) and
+(``"server-round"``), screens every reply (:class:`~clair_flower.strategies.screen.ReplyScreen`) and
 reports the weighted mean of the metrics all replies share. A family decides only what each
 node is sent and how accepted uploads become the new arrays.
 """
@@ -22,10 +22,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
-from strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
-from strategies.records import to_metricrecord
-from strategies.screen import ReplyScreen, Template
-from strategies.uploads import ScreenReport, Upload, common_scalar_metrics
+from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
+from clair_flower.strategies.records import to_metricrecord
+from clair_flower.strategies.screen import ReplyScreen, Template
+from clair_flower.strategies.uploads import ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]
 ConfigValue = int | float | str | bool

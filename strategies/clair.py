@@ -18,12 +18,12 @@ from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LoraFactors, factors_from_state_dict, factors_to_state_dict
-from strategies.clair_aggregator import DECISIONS, ClairAggregator, clair_config
-from strategies.personalized import PersonalizedLoraStrategy
-from strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-from strategies.screen import ReplyScreen, template_of
-from strategies.state import StrategyState
-from strategies.uploads import Upload
+from clair_flower.strategies.clair_aggregator import DECISIONS, ClairAggregator, clair_config
+from clair_flower.strategies.personalized import PersonalizedLoraStrategy
+from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from clair_flower.strategies.screen import ReplyScreen, template_of
+from clair_flower.strategies.state import StrategyState
+from clair_flower.strategies.uploads import Upload
 
 __all__ = ["DECISIONS", "ClairStrategy", "Detection"]
 
@@ -50,7 +50,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
         Clients use rsLoRA scaling ``alpha / sqrt(r_k)``.
     config : ClairConfig, optional
         Every CLAIR setting at once; then the CLAIR keyword arguments below stay at their
-        defaults (:func:`strategies.clair_aggregator.clair_config`).
+        defaults (:func:`clair_flower.strategies.clair_aggregator.clair_config`).
     rank : int or None
         ``r_hat``, the rank of the shared subspace; ``None`` picks it from the singular gap.
     solver : {"fast", "reference"}
@@ -73,7 +73,7 @@ class ClairStrategy(PersonalizedLoraStrategy):
     form, pairs, seed
         As in :class:`~clair_flower.clair.ClairConfig`.
     max_norm_ratio, fraction_train, ..., min_available_nodes, arrayrecord_key, ...
-        :class:`~strategies.base.LoraStrategy`'s (at least 3 nodes by default); the screen
+        :class:`~clair_flower.strategies.base.LoraStrategy`'s (at least 3 nodes by default); the screen
         accepts any LoRA rank.
     """
 

@@ -1,7 +1,7 @@
 """One CLAIR round on the server, for both CLAIR strategies.
 
-:class:`ClairAggregator` is what :class:`~strategies.clair.ClairStrategy` (full adapters) and
-:class:`~strategies.clair_rolora.ClairRoLoRA` (one factor per round) share: it runs
+:class:`ClairAggregator` is what :class:`~clair_flower.strategies.clair.ClairStrategy` (full adapters) and
+:class:`~clair_flower.strategies.clair_rolora.ClairRoLoRA` (one factor per round) share: it runs
 :func:`clair_flower.clair.run_clair` on one round's uploads, keeps every node's flag and
 score-z histories, and builds the round's metrics and its one INFO log line. One failure rule:
 with fewer than 3 uploads, or when ``run_clair`` (or turning the uploads into LoRA factors)
@@ -23,7 +23,7 @@ from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LoraFactors
-from strategies.uploads import Upload
+from clair_flower.strategies.uploads import Upload
 
 DECISIONS = ("vote", "fallback", "none")
 """Which rule decided a round's flags (see :attr:`clair_flower.clair.ClairResult.decision`)."""

@@ -1,6 +1,6 @@
 """CLAIR on RoLoRA's upload: one LoRA factor per round, screened for contamination.
 
-Clients alternate as in :class:`~strategies.rolora.RoLoRA` (B first) and upload only the
+Clients alternate as in :class:`~clair_flower.strategies.rolora.RoLoRA` (B first) and upload only the
 factor they trained. The server completes each upload with the factor it holds into a LoRA
 update, ``dW_k = s * B_k @ A`` in a B round (``dW_k = s * B @ A_k`` in an A round), runs
 :func:`clair_flower.clair.run_clair` on those, drops the flagged clients, and averages the
@@ -39,7 +39,7 @@ What CLAIR can and cannot detect in this mode
   natural, and a contaminated client that mimics the benign ``B`` column space is undetectable
   in that round by construction.
 * With fewer than 3 usable uploads, or if CLAIR fails, the round is skipped (no aggregation, so
-  the phase does not advance; see the parity rule in :mod:`strategies.rolora`).
+  the phase does not advance; see the parity rule in :mod:`clair_flower.strategies.rolora`).
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
-from strategies.base import LoraStrategy, State, weighted_mean_state
-from strategies.clair_aggregator import ClairAggregator, clair_config
-from strategies.protocol import FACTOR_A, FACTOR_B
-from strategies.rolora import RoLoRA
-from strategies.state import StrategyState
-from strategies.uploads import Upload
+from clair_flower.strategies.base import LoraStrategy, State, weighted_mean_state
+from clair_flower.strategies.clair_aggregator import ClairAggregator, clair_config
+from clair_flower.strategies.protocol import FACTOR_A, FACTOR_B
+from clair_flower.strategies.rolora import RoLoRA
+from clair_flower.strategies.state import StrategyState
+from clair_flower.strategies.uploads import Upload
 
 
 def _gram_norm(left: np.ndarray, right: np.ndarray) -> float:
@@ -98,7 +98,7 @@ class ClairRoLoRA(RoLoRA):
     config : ClairConfig, optional
         Every CLAIR setting at once; then the CLAIR keyword arguments stay at their defaults.
     rank, solver, form, c, flag_threshold, vote_threshold, in_subspace_stage, pairs, seed
-        CLAIR settings, as in :class:`strategies.clair.ClairStrategy`.
+        CLAIR settings, as in :class:`clair_flower.strategies.clair.ClairStrategy`.
     **kwargs
         RoLoRA's sampling, keys and screen settings (``min_train_nodes`` defaults to 3).
     """

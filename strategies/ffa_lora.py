@@ -13,9 +13,9 @@ from typing import Any
 
 from flwr.supercore import log
 
-from strategies.base import LoraStrategy
-from strategies.protocol import FACTOR_B
-from strategies.rolora import RoLoRA
+from clair_flower.strategies.base import LoraStrategy
+from clair_flower.strategies.protocol import FACTOR_B
+from clair_flower.strategies.rolora import RoLoRA
 
 
 class FFALoRA(RoLoRA):

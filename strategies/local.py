@@ -6,8 +6,8 @@ from logging import INFO
 
 from flwr.supercore import log
 
-from strategies.personalized import PersonalizedLoraStrategy
-from strategies.uploads import Upload
+from clair_flower.strategies.personalized import PersonalizedLoraStrategy
+from clair_flower.strategies.uploads import Upload
 
 
 class LocalOnly(PersonalizedLoraStrategy):
@@ -15,7 +15,7 @@ class LocalOnly(PersonalizedLoraStrategy):
 
     The server only stores every node's adapter between rounds, so a node restarted by the
     runtime (a fresh ClientApp process each message) resumes where it stopped. The global
-    arrays stay the initial adapter. Parameters are :class:`~strategies.base.LoraStrategy`'s.
+    arrays stay the initial adapter. Parameters are :class:`~clair_flower.strategies.base.LoraStrategy`'s.
     """
 
     def update_adapters(self, server_round: int, uploads: list[Upload]) -> dict[str, object]:

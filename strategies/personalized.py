@@ -4,7 +4,7 @@ FedAvg broadcasts one RecordDict to every node. Personalised strategies (local-o
 CLAIR) instead build one Message per node, each with its own RecordDict holding that node's
 adapter; a node seen for the first time gets the current consensus. Replies are keyed by
 ``src_node_id`` since they arrive in any order. Sampling, messages, the reply screen and the
-metric means are :class:`~strategies.base.LoraStrategy`'s.
+metric means are :class:`~clair_flower.strategies.base.LoraStrategy`'s.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from strategies.base import LoraStrategy, State, weighted_mean_state
-from strategies.records import from_arrayrecord, to_arrayrecord
-from strategies.screen import Template, template_of
-from strategies.state import StrategyState
-from strategies.uploads import ScreenReport, Upload
+from clair_flower.strategies.base import LoraStrategy, State, weighted_mean_state
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.strategies.screen import Template, template_of
+from clair_flower.strategies.state import StrategyState
+from clair_flower.strategies.uploads import ScreenReport, Upload
 
 __all__ = ["PersonalizedLoraStrategy", "State", "weighted_mean_state"]
 
@@ -26,7 +26,7 @@ __all__ = ["PersonalizedLoraStrategy", "State", "weighted_mean_state"]
 class PersonalizedLoraStrategy(LoraStrategy):
     """Send every node its own adapter and let subclasses decide how uploads update them.
 
-    Parameters are :class:`~strategies.base.LoraStrategy`'s (sampling, record keys, screen).
+    Parameters are :class:`~clair_flower.strategies.base.LoraStrategy`'s (sampling, record keys, screen).
     The global arrays a round returns are the consensus.
     """
 

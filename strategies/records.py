@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-# The protocol's keys live in strategies.protocol; re-exported for callers of the old names.
-from strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES  # noqa: F401
+# The protocol's keys live in clair_flower.strategies.protocol; re-exported for callers of the old names.
+from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES  # noqa: F401
 
 
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:

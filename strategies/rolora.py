@@ -34,12 +34,12 @@ from flwr.app import ArrayRecord
 from flwr.supercore import log
 
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
-from strategies.base import ConfigValue, LoraStrategy, State, weighted_mean_state
-from strategies.protocol import FACTOR_A, FACTOR_B, TRAIN_FACTORS, UPLOAD_FACTORS
-from strategies.records import from_arrayrecord, to_arrayrecord
-from strategies.screen import Template
-from strategies.state import CheckpointError, StrategyState
-from strategies.uploads import ScreenReport, Upload
+from clair_flower.strategies.base import ConfigValue, LoraStrategy, State, weighted_mean_state
+from clair_flower.strategies.protocol import FACTOR_A, FACTOR_B, TRAIN_FACTORS, UPLOAD_FACTORS
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.strategies.screen import Template
+from clair_flower.strategies.state import CheckpointError, StrategyState
+from clair_flower.strategies.uploads import ScreenReport, Upload
 
 FACTORS = (FACTOR_A, FACTOR_B)
 SUFFIX = {FACTOR_A: LORA_A_SUFFIX, FACTOR_B: LORA_B_SUFFIX}
@@ -69,7 +69,7 @@ class RoLoRA(LoraStrategy):
     first_factor : {"B", "A"}
         Factor of the first round. Keep ``"B"`` with PEFT's zero-initialised ``B``.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes
-        Sampling, as in FedAvg (see :class:`~strategies.base.LoraStrategy`).
+        Sampling, as in FedAvg (see :class:`~clair_flower.strategies.base.LoraStrategy`).
     weighted_by_key, arrayrecord_key, configrecord_key, metricrecord_key : str
         Weight metric and record names (FlowerTune convention).
     max_norm_ratio : float

@@ -2,7 +2,7 @@
 
 Flower's FedAvg family ends the whole ServerApp with ``InconsistentMessageReplies`` when one
 reply lacks a key, and ``Array.numpy()`` raises on bytes it cannot load. :class:`ReplyScreen`
-checks every reply first and hands on only the usable ones as :class:`~strategies.uploads.Upload`
+checks every reply first and hands on only the usable ones as :class:`~clair_flower.strategies.uploads.Upload`
 objects, each rejection logged with its reason.
 
 Everything a reply carries is decoded *here*, per client, and nowhere else: the npy header of
@@ -29,8 +29,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX
-from strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
-from strategies.uploads import ScreenReport, Upload
+from clair_flower.strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from clair_flower.strategies.uploads import ScreenReport, Upload
 
 Template = Mapping[str, tuple[int, ...]]
 

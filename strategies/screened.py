@@ -1,7 +1,7 @@
 """Any Flower strategy behind the reply screen, unchanged.
 
 :class:`ScreenedStrategy` hands Flower's FedAvg, Krum, Bulyan, ... only the replies that pass a
-:class:`~strategies.screen.ReplyScreen`, each rebuilt from the decoded, checked arrays as one
+:class:`~clair_flower.strategies.screen.ReplyScreen`, each rebuilt from the decoded, checked arrays as one
 ArrayRecord and one MetricRecord with the keys all of them share, which is what Flower's FedAvg
 family requires. Flower's own code never decodes a client's bytes.
 """
@@ -16,11 +16,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.supercore import log
 
-from strategies.protocol import ARRAYS_KEY, METRICS_KEY
-from strategies.records import to_arrayrecord
-from strategies.screen import ReplyScreen
-from strategies.state import CheckpointError, HasServerState, StrategyState
-from strategies.uploads import ScreenReport, common_scalar_metrics
+from clair_flower.strategies.protocol import ARRAYS_KEY, METRICS_KEY
+from clair_flower.strategies.records import to_arrayrecord
+from clair_flower.strategies.screen import ReplyScreen
+from clair_flower.strategies.state import CheckpointError, HasServerState, StrategyState
+from clair_flower.strategies.uploads import ScreenReport, common_scalar_metrics
 
 # Flower strategies whose only state between rounds is the global arrays ``start`` carries
 # (checked against flwr 1.41's source). FedAvgM and the FedOpt family keep momenta: not here.

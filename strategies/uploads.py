@@ -1,6 +1,6 @@
 """What the reply screen hands on: accepted uploads, and the reason for every rejected node.
 
-These are plain data: no Flower records, no checks. :mod:`strategies.screen` builds them from
+These are plain data: no Flower records, no checks. :mod:`clair_flower.strategies.screen` builds them from
 the replies of a round; every strategy of this package aggregates from them.
 """
 
@@ -27,7 +27,7 @@ class ScreenReport:
     """Accepted uploads, the reason for every rejected node, and the surplus replies.
 
     ``duplicates`` counts the replies beyond one per node (a node that replied three times
-    adds 2); such a node is in ``rejected`` too (see :class:`strategies.screen.ReplyScreen`).
+    adds 2); such a node is in ``rejected`` too (see :class:`clair_flower.strategies.screen.ReplyScreen`).
     """
 
     accepted: list[Upload] = field(default_factory=list)

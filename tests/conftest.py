@@ -19,6 +19,6 @@ def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def task_identity() -> None:
     """Instruction messages need a run id, which only the Flower runtime sets."""
-    from server_apps.inprocess import set_task_identity
+    from clair_flower.server_apps.inprocess import set_task_identity
 
     set_task_identity()

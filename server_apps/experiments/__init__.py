@@ -1,6 +1,6 @@
 """The experiment runner: a grid of federations from one TOML file, and the report.
 
-Run ``python -m server_apps.experiments configs/smoke.toml [--out DIR] [--jobs 1] [--threads 1]``.
+Run ``python -m clair_flower.server_apps.experiments configs/smoke.toml [--out DIR] [--jobs 1] [--threads 1]``.
 
 A grid file has a name, the federation size, the run-config overrides every cell shares,
 and one or more ``[[grid]]`` tables. In a ``[[grid]]`` table a list value is an axis and
@@ -37,17 +37,17 @@ the finished ones, :mod:`.rows` reads a cell's files back as one ``results.csv``
 ``results.md``, :mod:`.plots` the PNG plots and :mod:`.cli` the command line.
 """
 
-from server_apps.experiments.cli import main, parse_args, quiet_flower
-from server_apps.experiments.grid import (CELLS_DIR, DEFAULT_OUT, GRID_FILE_KEYS, NAME_TAGS, ROOT, Cell, Grid,
+from clair_flower.server_apps.experiments.cli import main, parse_args, quiet_flower
+from clair_flower.server_apps.experiments.grid import (CELLS_DIR, DEFAULT_OUT, GRID_FILE_KEYS, NAME_TAGS, ROOT, Cell, Grid,
                                           GridError, cell_name, expand_table, load_grid, validate_cell)
-from server_apps.experiments.plots import (plot_accuracy_per_round, plot_accuracy_vs_fraction,
+from clair_flower.server_apps.experiments.plots import (plot_accuracy_per_round, plot_accuracy_vs_fraction,
                                            plot_detection_per_round, plot_gain_vs_rank)
-from server_apps.experiments.report import RESULTS_CSV, RESULTS_MD, results_markdown, seed_spread, write_report
-from server_apps.experiments.rows import (CONFIG_COLUMNS, ERROR_FILE, FIGURE_COLUMNS, TIMING_FILE, cell_row,
+from clair_flower.server_apps.experiments.report import RESULTS_CSV, RESULTS_MD, results_markdown, seed_spread, write_report
+from clair_flower.server_apps.experiments.rows import (CONFIG_COLUMNS, ERROR_FILE, FIGURE_COLUMNS, TIMING_FILE, cell_row,
                                           fallback_rounds, headline, vote_rounds)
-from server_apps.experiments.run import (FLWR_DIR, Progress, compare_flwr, flwr_command, flwr_env, run_cell,
+from clair_flower.server_apps.experiments.run import (FLWR_DIR, Progress, compare_flwr, flwr_command, flwr_env, run_cell,
                                          run_cell_flwr, run_grid)
-from server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, fraction_rows, gain_by_seed,
+from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, fraction_rows, gain_by_seed,
                                             gain_over_local, pivot, rank_rows)
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The command line: ``python -m server_apps.experiments GRID [--out DIR] [--jobs N] [--flwr]``."""
+"""The command line: ``python -m clair_flower.server_apps.experiments GRID [--out DIR] [--jobs N] [--flwr]``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from server_apps.experiments.grid import DEFAULT_OUT, GridError, load_grid
-from server_apps.experiments.report import write_report
-from server_apps.experiments.run import clock, compare_flwr, run_grid
-from server_apps.experiments.tables import done_rows
-from server_apps.run_config import ConfigError
+from clair_flower.server_apps.experiments.grid import DEFAULT_OUT, GridError, load_grid
+from clair_flower.server_apps.experiments.report import write_report
+from clair_flower.server_apps.experiments.run import clock, compare_flwr, run_grid
+from clair_flower.server_apps.experiments.tables import done_rows
+from clair_flower.server_apps.run_config import ConfigError
 
 DESCRIPTION = "The experiment runner: a grid of federations from one TOML file, and the report."
 
@@ -28,7 +28,7 @@ def quiet_flower() -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m server_apps.experiments", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m clair_flower.server_apps.experiments", description=DESCRIPTION)
     parser.add_argument("grid", help="grid file (TOML), e.g. configs/smoke.toml")
     parser.add_argument("--out", default=None, help="output directory (default outputs/experiments/<grid name>)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from server_apps.results import SUMMARY_JSON
-from server_apps.run_config import ConfigError, RunConfig
+from clair_flower.server_apps.results import SUMMARY_JSON
+from clair_flower.server_apps.run_config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "outputs" / "experiments"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, gain_over_local, ordered, pivot,
+from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, gain_over_local, ordered, pivot,
                                             select_rows)
 
 

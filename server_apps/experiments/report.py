@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server_apps.experiments.grid import Grid
-from server_apps.experiments.plots import (plot_accuracy_per_round, plot_accuracy_vs_fraction,
+from clair_flower.server_apps.experiments.grid import Grid
+from clair_flower.server_apps.experiments.plots import (plot_accuracy_per_round, plot_accuracy_vs_fraction,
                                            plot_detection_per_round, plot_gain_vs_rank)
-from server_apps.experiments.rows import CONFIG_COLUMNS, FIGURE_COLUMNS
-from server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, done_rows, fraction_rows,
+from clair_flower.server_apps.experiments.rows import CONFIG_COLUMNS, FIGURE_COLUMNS
+from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, done_rows, fraction_rows,
                                             gain_by_seed, gain_over_local, ordered, pivot, rank_rows, seed_mean,
                                             seeds_of)
-from server_apps.results import markdown_table, write_atomic, write_csv
+from clair_flower.server_apps.results import markdown_table, write_atomic, write_csv
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"

@@ -7,9 +7,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from server_apps.experiments.grid import Cell
-from server_apps.results import SUMMARY_JSON, format_cell, last_value, mean_value
-from server_apps.run_config import RunConfig
+from clair_flower.server_apps.experiments.grid import Cell
+from clair_flower.server_apps.results import SUMMARY_JSON, format_cell, last_value, mean_value
+from clair_flower.server_apps.run_config import RunConfig
 
 ERROR_FILE = "error.txt"
 TIMING_FILE = "cell-timing.json"

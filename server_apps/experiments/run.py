@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from server_apps.experiments.grid import CELLS_DIR, ROOT, Cell
-from server_apps.experiments.rows import ERROR_FILE, TIMING_FILE, cell_row, headline
-from server_apps.results import format_cell, markdown_table, write_atomic
-from server_apps.run_config import RunConfig
+from clair_flower.server_apps.experiments.grid import CELLS_DIR, ROOT, Cell
+from clair_flower.server_apps.experiments.rows import ERROR_FILE, TIMING_FILE, cell_row, headline
+from clair_flower.server_apps.results import format_cell, markdown_table, write_atomic
+from clair_flower.server_apps.run_config import RunConfig
 
 FLWR_DIR = "flwr"
 
 
 def run_cell(cell: Cell, out: Path) -> dict[str, object]:
     """Run one cell in-process; its failure is recorded, not raised, so the grid goes on."""
-    from client_apps.copy_client import app as client_app
-    from server_apps.inprocess import InProcessGrid, simulation_node_configs
-    from server_apps.runner import run_federation
+    from clair_flower.client_apps.copy_client import app as client_app
+    from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+    from clair_flower.server_apps.runner import run_federation
 
     cell_dir = cell.out_dir(out)
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 def run_cell_flwr(cell: Cell, out: Path, timeout: float = 1800.0) -> tuple[dict[str, object], float]:
     """Run one cell with the real ``flwr run .`` (Ray simulation); stop its SuperLink by pid."""
-    from server_apps.local_superlink import stop_pids, superlink_pids
+    from clair_flower.server_apps.local_superlink import stop_pids, superlink_pids
 
     cell_dir = out / FLWR_DIR / CELLS_DIR / cell.name
     home = out / FLWR_DIR / "flwr-home"

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from server_apps.experiments.grid import Grid
+from clair_flower.server_apps.experiments.grid import Grid
 
 #: Strategies that flag clients (their rounds carry TPR/FPR).
 FLAGGING = ("clair", "clair-plus", "clair-rolora")

@@ -7,9 +7,9 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
-from client_apps.copy_client import app as copy_client_app
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from server_apps.runner import run_federation
+from clair_flower.client_apps.copy_client import app as copy_client_app
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.server_apps.runner import run_federation
 
 FAST = {"num-server-rounds": 2, "local-steps": 5}
 

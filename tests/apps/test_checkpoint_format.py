@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from server_apps.checkpoint_format import (Checkpoint, CheckpointError, StrategyState, check_compatible,
+from clair_flower.server_apps.checkpoint_format import (Checkpoint, CheckpointError, StrategyState, check_compatible,
                                      checkpoint_rounds, clear_checkpoints, latest_checkpoint,
                                      load_checkpoint, save_checkpoint)
 

@@ -31,7 +31,7 @@ def warm_model_cache(_model_cache, tmp_path):  # noqa: ANN001, ANN201 - the sess
     name is a hash of every field that changes them), they are copied instead of
     pre-training again, which takes minutes on a busy 2-core machine.
     """
-    from server_apps.run_config import RunConfig, model_config, task_config
+    from clair_flower.server_apps.run_config import RunConfig, model_config, task_config
     from clair_flower.copytask.model import cache_path, load_base_model
 
     # the config the run will use (pyproject defaults + our overrides), not RunConfig()'s

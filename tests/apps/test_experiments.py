@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server_apps import experiments
+from clair_flower.server_apps import experiments
 
 TINY = """
 name = "tiny"
@@ -66,11 +66,11 @@ def test_cells_shared_by_two_tables_run_once(tmp_path: Path) -> None:
 
 
 def test_module_entry_point_runs_the_cli() -> None:
-    """``python -m server_apps.experiments`` goes through the package's ``__main__``."""
+    """``python -m clair_flower.server_apps.experiments`` goes through the package's ``__main__``."""
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "server_apps.experiments", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "clair_flower.server_apps.experiments", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "grid file (TOML)" in res.stdout and "--jobs" in res.stdout

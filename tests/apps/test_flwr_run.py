@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server_apps.local_superlink import stop_pids, superlink_pids
+from clair_flower.server_apps.local_superlink import stop_pids, superlink_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,10 +9,10 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_apps import copy_client
-from server_apps.run_config import ConfigError, RunConfig
-from server_apps.runner import initial_adapter
-from strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.client_apps import copy_client
+from clair_flower.server_apps.run_config import ConfigError, RunConfig
+from clair_flower.server_apps.runner import initial_adapter
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
 from tests.apps.helpers import run_inprocess
 
 

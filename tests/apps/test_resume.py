@@ -15,13 +15,13 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from server_apps.checkpoint_format import CheckpointError, latest_checkpoint
-from server_apps.run_config import ConfigError, RunConfig
-from client_apps import copy_client
-from client_apps.copy_client import app as copy_client_app
-from server_apps.checkpointing import query_partitions
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from server_apps.runner import run_federation
+from clair_flower.server_apps.checkpoint_format import CheckpointError, latest_checkpoint
+from clair_flower.server_apps.run_config import ConfigError, RunConfig
+from clair_flower.client_apps import copy_client
+from clair_flower.client_apps.copy_client import app as copy_client_app
+from clair_flower.server_apps.checkpointing import query_partitions
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.server_apps.runner import run_federation
 
 TINY = {"local-steps": 2, "num-train": 16, "num-test": 16, "batch-size": 8,
         "attack": "random", "attack-fraction": 0.25}
@@ -169,10 +169,10 @@ def test_resume_on_ray(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from server_apps.local_superlink import stop_pids, superlink_pids
+    from clair_flower.server_apps.local_superlink import stop_pids, superlink_pids
     from tests.apps.test_flwr_run import ROOT, flwr_env
 
-    from server_apps.runner import initial_adapter
+    from clair_flower.server_apps.runner import initial_adapter
 
     home, out = tmp_path / "flwr-home", tmp_path / "out"
     flwr = str(Path(sys.executable).with_name("flwr"))

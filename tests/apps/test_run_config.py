@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server_apps.run_config import ConfigError, RunConfig
+from clair_flower.server_apps.run_config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -38,7 +38,7 @@ def test_defaults_are_the_core_dataclasses_defaults() -> None:
     from clair_flower.copytask.model import LoraSpec
     from clair_flower.copytask.task import TaskConfig
     from clair_flower.copytask.training import TrainConfig
-    from server_apps.run_config import lora_spec, task_config, train_config
+    from clair_flower.server_apps.run_config import lora_spec, task_config, train_config
 
     cfg = RunConfig()
     assert task_config(cfg) == TaskConfig()
@@ -49,7 +49,7 @@ def test_defaults_are_the_core_dataclasses_defaults() -> None:
 
 
 def test_strategy_names_are_the_builders() -> None:
-    from server_apps.strategy_factory import BUILDERS
+    from clair_flower.server_apps.strategy_factory import BUILDERS
 
     for name in BUILDERS:
         assert RunConfig(strategy=name).strategy == name

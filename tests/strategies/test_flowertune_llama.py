@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from server_apps.inprocess import InProcessGrid
-from strategies.clair import ClairStrategy
+from clair_flower.server_apps.inprocess import InProcessGrid
+from clair_flower.strategies.clair import ClairStrategy
 
 NUM_NODES, CONTAMINATED, VOCAB, LEN = 8, {1, 5}, 24, 6
 

@@ -18,10 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from strategies.clair import ClairStrategy
-from strategies.records import from_arrayrecord, to_arrayrecord
-from strategies.screened import ScreenedStrategy
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.strategies.clair import ClairStrategy
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.strategies.screened import ScreenedStrategy
 
 MODULES = ("m.q_proj", "m.v_proj")
 KA, KB = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
@@ -286,7 +286,7 @@ def _check_run(kind: str, payload: Payload, want: str) -> None:
 
 def test_evaluate_duplicates_and_bad_weights_cost_only_their_sender(task_identity) -> None:
     """Evaluate replies go through the same screen: duplicates and a NaN weight reject only the sender."""
-    from strategies.screen import ReplyScreen
+    from clair_flower.strategies.screen import ReplyScreen
 
     ins = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.EVALUATE,
                    group_id="1") for n in (1, 2, 3)]

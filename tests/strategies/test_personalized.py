@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from client_apps.copy_client import app as client_app
-from server_apps.run_config import RunConfig
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from server_apps.runner import initial_adapter
-from strategies import clair_aggregator as clair_module
-from strategies.clair import ClairStrategy
-from strategies.local import LocalOnly
-from strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.client_apps.copy_client import app as client_app
+from clair_flower.server_apps.run_config import RunConfig
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.server_apps.runner import initial_adapter
+from clair_flower.strategies import clair_aggregator as clair_module
+from clair_flower.strategies.clair import ClairStrategy
+from clair_flower.strategies.local import LocalOnly
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
 
 RUN = {"local-steps": 3}
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
 
 
 def test_node_ids_survive_a_metricrecord() -> None:

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
-from server_apps.run_config import RunConfig
+from clair_flower.server_apps.run_config import RunConfig
 from clair_flower.lora import LoraFactors
-from client_apps.copy_client import app as copy_client_app
-from server_apps.inprocess import InProcessGrid, simulation_node_configs
-from server_apps.runner import initial_adapter, run_federation
-from strategies import clair_aggregator
-from strategies.clair_rolora import ClairRoLoRA, reproject
-from strategies.base import weighted_mean_state
-from strategies.records import from_arrayrecord, to_arrayrecord
-from strategies.rolora import factor_for
-from strategies.uploads import Upload
+from clair_flower.client_apps.copy_client import app as copy_client_app
+from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
+from clair_flower.server_apps.runner import initial_adapter, run_federation
+from clair_flower.strategies import clair_aggregator
+from clair_flower.strategies.clair_rolora import ClairRoLoRA, reproject
+from clair_flower.strategies.base import weighted_mean_state
+from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord
+from clair_flower.strategies.rolora import factor_for
+from clair_flower.strategies.uploads import Upload
 
 TINY = {"local-steps": 2, "num-train": 16, "num-test": 16, "batch-size": 8}
 

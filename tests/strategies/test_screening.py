@@ -9,9 +9,9 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.records import to_arrayrecord
-from strategies.screen import ReplyScreen
-from strategies.screened import ScreenedStrategy
+from clair_flower.strategies.records import to_arrayrecord
+from clair_flower.strategies.screen import ReplyScreen
+from clair_flower.strategies.screened import ScreenedStrategy
 
 KEY_A, KEY_B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 
@@ -79,7 +79,7 @@ def test_other_ranks_only_where_allowed() -> None:
     state = _good_state(0)
     template = {k: v.shape for k, v in state.items()}
     rank3 = {KEY_A: np.ones((3, 6), np.float32), KEY_B: np.ones((5, 3), np.float32)}
-    from strategies.screen import UpdateRejected, check_state
+    from clair_flower.strategies.screen import UpdateRejected, check_state
 
     assert check_state(rank3, template, any_rank=True)[KEY_A].shape == (3, 6)
     with pytest.raises(UpdateRejected, match="shape"):

@@ -339,8 +339,8 @@ def test_changing_the_run_seed_changes_who_attacks_in_the_client_app():
     """Through the ClientApp's own decision: same ``attack-seed``, another ``seed``."""
     from flwr.app import Context, RecordDict
 
-    from client_apps.copy_client import is_contaminated
-    from server_apps.run_config import RunConfig
+    from clair_flower.client_apps.copy_client import is_contaminated
+    from clair_flower.server_apps.run_config import RunConfig
 
     def attackers(seed: int) -> set[int]:
         cfg = RunConfig.from_mapping({"attack": "random", "attack-fraction": 0.3, "seed": seed})
