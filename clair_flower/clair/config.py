@@ -48,10 +48,10 @@ class ClairConfig:
     this round and its last ``z_memory - 1`` rounds (``prior_z`` of ``run_clair``) is above
     ``z_threshold``, so a persistent outlier is not lost to one round's dip."""
     structure_ratio: float = 0.25
-    """A path point shows structure when 90% of its ``L``'s energy lies in at most this fraction
-    of the largest rank the clients' updates could span, ``min(p, sum_k r_k)``. Benign-difference stacks of
-    real LoRA updates of the copy task need 30-75% (docs/identification.md); the synthetic model
-    with a shared subspace needs ``r* / sum_k r_k``, 10% in the tests."""
+    """A path point shows structure when the effective rank of its ``L`` is at most this fraction
+    of the largest rank the clients' updates could span, ``min(p, sum_k r_k)``. On real LoRA
+    updates of the copy task the fits that absorbed everything had 45-85% (docs/identification.md);
+    the synthetic model with a shared subspace needs ``r* / min(p, sum_k r_k)``, 10% in the tests."""
     rank_rtol: float = 0.05
     consistency_tol: float = 0.02
     path_points: int = 16

@@ -9,8 +9,8 @@ or once ``L``'s rank has grown past the best admissible point's (it cannot win a
 points are solved to :data:`PATH_TOL`, the chosen one to the configured tolerance. A point is *admissible* when its flagged-pair pattern is explained by a
 client set (consistency >= ``1 - consistency_tol``, see
 :func:`~clair_flower.clair.detection.consistency`), the flagged clients are a strict minority,
-and ``L`` is low-rank: 90% of its energy lies in at most ``structure_ratio`` times the largest
-rank the clients' updates could span, ``min(p, sum_k r_k)``. An ``L`` spread over that whole
+and ``L`` is low-rank: its effective rank is at most ``structure_ratio`` times the largest rank
+the clients' updates could span, ``min(p, sum_k r_k)``. An ``L`` spread over that whole
 span absorbed every difference, which says "no low-rank structure", not "nobody is contaminated"
 (the top of the path, ``L = M``, is such a point unless ``M`` itself is low-rank). Among admissible points the one with the lowest effective rank of ``L`` (singular values above
 ``rank_rtol * sigma_1``) wins, then the fewest flagged clients, then the middle of the remaining
@@ -109,7 +109,7 @@ class PathPoint:
     energy_rank: int
     """Singular values of ``L`` holding 90% of its energy."""
     structured: bool
-    """``energy_rank <= structure_ratio * max_rank``: ``L`` is low-rank in the clients' span."""
+    """``effective_rank <= structure_ratio * max_rank``: ``L`` is low-rank in the clients' span."""
     n_flagged: int
     consistency: float
     status: str
@@ -161,10 +161,10 @@ def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c:
     v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
     cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
     nflag = int(v.flagged.sum())
-    k90 = energy_rank(res.L_sv)
-    structured = k90 <= cfg.structure_ratio * max_rank(problem)
-    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=effective_rank(res.L_sv, cfg.rank_rtol),
-                     energy_rank=k90, structured=structured, n_flagged=nflag, consistency=cons,
+    rank = effective_rank(res.L_sv, cfg.rank_rtol)
+    structured = rank <= cfg.structure_ratio * max_rank(problem)
+    return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=rank,
+                     energy_rank=energy_rank(res.L_sv), structured=structured, n_flagged=nflag, consistency=cons,
                      status=res.status, iterations=res.iterations,
                      admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n and structured)
 
@@ -254,9 +254,13 @@ def _pick(path: list[PathPoint], n: int, fixed: bool) -> tuple[int, str]:
         best = min(path[i].key for i in adm)
         ties = [i for i in adm if path[i].key == best]
         return ties[len(ties) // 2], "fixed" if fixed else "admissible"
-    # A flagged majority contradicts the model (contaminated clients are a minority):
-    # prefer minority points, then consistency, then low rank.
-    pick = max(range(len(path)), key=lambda i: (2 * path[i].n_flagged < n, path[i].consistency,
+    # No admissible point: prefer a point that flags a minority (it separates someone), then one
+    # that flags a majority (S holds the differences: an informative score), last the trivial
+    # "everything in L" points (S = 0 says nothing); then consistency, then low rank.
+    def tier(p: PathPoint) -> int:
+        return 2 if 0 < 2 * p.n_flagged < n else (1 if p.n_flagged else 0)
+
+    pick = max(range(len(path)), key=lambda i: (tier(path[i]), path[i].consistency,
                                                  -path[i].effective_rank, -path[i].n_flagged))
     return pick, "fixed" if fixed else "fallback"
 

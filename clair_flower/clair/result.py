@@ -27,7 +27,7 @@ class ClientReport:
     clean_vote: float = 0.0
     """Flagged fraction of the pairs whose partner is not flagged (the decision statistic)."""
     score_z: float = 0.0
-    """Robust z-score of ``distance`` among this round's clients (what a caller keeps as history
+    """Robust z-score of ``score`` among this round's clients (what a caller keeps as history
     and what a round without structure flags on)."""
     distance: float = 0.0
     """Mean distance of the client's update to the others', on each module's block scale, RMS

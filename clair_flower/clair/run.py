@@ -85,13 +85,14 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
     flagged = votes.flagged.copy()
     distance = detection.client_scores(pairs, n, detection.combine_modules([fits[m].distance for m in modules]),
                                        informative)
-    score_z = detection.robust_z(distance)
+    score_z = detection.robust_z(votes.score)
     structure = any(fits[m].admissible for m in modules)
     inconclusive = 2 * int(flagged.sum()) >= n
     if inconclusive or not structure:
         # No module shows the model's structure, or a flagged majority contradicts it
         # (contaminated clients are a minority): the vote decides nothing, and only robust
-        # outliers of the distance score are flagged (it needs no structure).
+        # outliers of the continuous score (mean ||S_kl|| of each module's fallback point,
+        # which never is the trivial S = 0 point when another exists) are flagged.
         flagged = _persistent_outliers(active, score_z, prior_z, cfg)
     decision = "vote" if structure and not inconclusive else ("fallback" if flagged.any() else "none")
     set_subspaces(fits, pairs, flagged, cfg.rank)
@@ -170,7 +171,7 @@ def _refine(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], cids: 
 
 def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, decided: bool) -> str:
     if not decided and flagged[i]:
-        return "distance outlier (no structure or inconclusive vote)"
+        return "score outlier (no structure or inconclusive vote)"
     if votes.flagged[i] and flagged[i]:
         return "off-subspace majority vote"
     if flagged[i]:

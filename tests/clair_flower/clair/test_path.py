@@ -45,7 +45,7 @@ def test_L_spread_over_the_clients_span_is_never_admissible(noise):
     tr = transition(problem)
     res = solve(problem, lam_from_c(1.05 * tr.c_none, len(problem.pairs)), tol=1e-9, max_iter=5000)
     point = assess(res, problem, ClairConfig(), n, 1.05 * tr.c_none, detection.informative_pairs(problem.block_norms))
-    assert point.n_flagged == 0 and point.energy_rank > 0.25 * max_rank(problem)
+    assert point.n_flagged == 0 and point.effective_rank > 0.25 * max_rank(problem)
     assert not point.structured and not point.admissible
 
 
