@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LoraFactors, factors_from_state_dict, factors_to_state_dict
-from clair_flower.strategies.clair_aggregator import DECISIONS, ClairAggregator, clair_config
+from clair_flower.strategies.clair_aggregator import DECISIONS, ClairAggregator, UsesClairAggregator, clair_config
 from clair_flower.strategies.personalized import PersonalizedLoraStrategy
 from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from clair_flower.strategies.screen import ReplyScreen, template_of
@@ -39,7 +39,7 @@ class Detection:
     result: ClairResult | None
 
 
-class ClairStrategy(PersonalizedLoraStrategy):
+class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
     """Contamination-aware aggregation of LoRA adapters (CLAIR).
 
     Parameters
@@ -98,16 +98,6 @@ class ClairStrategy(PersonalizedLoraStrategy):
                            flagged_policy=flagged_policy, no_structure=no_structure,
                            in_subspace_stage=in_subspace_stage, seed=seed)
         self.clair = ClairAggregator(cfg, label="CLAIR", fallback="adapters kept as they were")
-
-    @property
-    def config(self) -> ClairConfig:
-        """The CLAIR settings of every round."""
-        return self.clair.config
-
-    @property
-    def flag_history(self) -> dict[int, list[int]]:
-        """Every node's flags, one per CLAIR round it took part in."""
-        return self.clair.flag_history
 
     @property
     def score_z_history(self) -> dict[int, list[float]]:

@@ -141,3 +141,19 @@ class ClairAggregator:
             "clair-seconds": float(seconds),
             "max-truncation-error": float(max(trunc, default=0.0)),
         }
+
+
+class UsesClairAggregator:
+    """The settings and flag history a strategy reads from its ``self.clair`` aggregator."""
+
+    clair: ClairAggregator
+
+    @property
+    def config(self) -> ClairConfig:
+        """The CLAIR settings of every round."""
+        return self.clair.config
+
+    @property
+    def flag_history(self) -> dict[int, list[int]]:
+        """Every node's flags, one per CLAIR round it took part in."""
+        return self.clair.flag_history

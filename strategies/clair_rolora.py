@@ -53,7 +53,7 @@ from flwr.supercore import log
 from clair_flower.clair import ClairConfig
 from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, lora_module_names, lora_scaling
 from clair_flower.strategies.base import LoraStrategy, State, weighted_mean_state
-from clair_flower.strategies.clair_aggregator import ClairAggregator, clair_config
+from clair_flower.strategies.clair_aggregator import ClairAggregator, UsesClairAggregator, clair_config
 from clair_flower.strategies.protocol import FACTOR_A, FACTOR_B
 from clair_flower.strategies.rolora import RoLoRA
 from clair_flower.strategies.state import StrategyState
@@ -88,7 +88,7 @@ def reproject(refined: LoraFactors, frozen: np.ndarray, factor: str, scaling: fl
     return new.astype(np.float32), residual / total if total > 0 else 0.0
 
 
-class ClairRoLoRA(RoLoRA):
+class ClairRoLoRA(UsesClairAggregator, RoLoRA):
     """RoLoRA whose per-round aggregation of the trained factor goes through CLAIR.
 
     Parameters
@@ -117,16 +117,6 @@ class ClairRoLoRA(RoLoRA):
         self.clair = ClairAggregator(cfg, label="CLAIR-RoLoRA", fallback="round skipped",
                                      use_score_history=False)
         self.refined: dict[int, State] = {}
-
-    @property
-    def config(self) -> ClairConfig:
-        """The CLAIR settings of every round."""
-        return self.clair.config
-
-    @property
-    def flag_history(self) -> dict[int, list[int]]:
-        """Every node's flags, one per CLAIR round it took part in."""
-        return self.clair.flag_history
 
     def summary(self) -> None:
         c = self.config

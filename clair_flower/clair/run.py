@@ -95,8 +95,10 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
         # which never is the trivial S = 0 point when another exists) are flagged.
         flagged = _persistent_outliers(active, score_z, prior_z, cfg)
     decision = "vote" if structure and not inconclusive else ("fallback" if flagged.any() else "none")
-    set_subspaces(fits, pairs, flagged, cfg.rank)
-    z_scores = _in_subspace_stage(fac, fits, modules, active, flagged, cfg.z_threshold) if cfg.in_subspace_stage else None
+    z_scores = None
+    if cfg.in_subspace_stage:  # tests coefficients on the subspace of the flags so far
+        set_subspaces(fits, pairs, flagged, cfg.rank)
+        z_scores = _in_subspace_stage(fac, fits, modules, active, flagged, cfg.z_threshold)
     collab = [i for i in range(n) if not flagged[i]]
     if not collab:
         raise RuntimeError("CLAIR flagged every client; no collaborative set to aggregate")
