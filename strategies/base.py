@@ -5,8 +5,10 @@ RoLoRA family (:mod:`clair_flower.strategies.rolora`) what Flower's ``FedAvg`` i
 samples nodes as FedAvg does (``fraction * connected``, at least ``min_*_nodes``, waiting for
 ``min_available_nodes``), builds one message per node with the round in the config
 (``"server-round"``), screens every reply (:class:`~clair_flower.strategies.screen.ReplyScreen`) and
-reports the weighted mean of the metrics all replies share. A family decides only what each
-node is sent and how accepted uploads become the new arrays.
+reports the weighted mean of the metrics all replies share. It also counts the bytes every
+message carries, both ways (:class:`~clair_flower.strategies.communication.CommunicationTracker`,
+what FlowerTune's tracker gives FedAvg). A family decides only what each node is sent and how
+accepted uploads become the new arrays.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from clair_flower.strategies.communication import STATE_KEY as COMM_STATE_KEY
+from clair_flower.strategies.communication import CommunicationTracker
 from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
 from clair_flower.strategies.records import to_metricrecord
 from clair_flower.strategies.screen import ReplyScreen, Template
+from clair_flower.strategies.state import StrategyState
 from clair_flower.strategies.uploads import ScreenReport, Upload, common_scalar_metrics
 
 State = dict[str, np.ndarray]
@@ -70,6 +75,10 @@ class LoraStrategy(Strategy):
         Sanity bound of the default screen (not a defence).
     any_rank : bool
         The default screen accepts LoRA factors of any rank (CLAIR handles mixed ranks).
+    comm_budget_mb : float, optional
+        Bytes of both directions, all rounds (MB of ``1024**2`` bytes, as FlowerTune's
+        tracker), past which one WARNING is logged; ``None``: no budget. Every round's bytes
+        are in the round metrics (``comm-bytes-*``) and in :attr:`communication`.
     """
 
     def __init__(self, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
@@ -77,7 +86,7 @@ class LoraStrategy(Strategy):
                  weighted_by_key: str = NUM_EXAMPLES, arrayrecord_key: str = ARRAYS_KEY,
                  configrecord_key: str = CONFIG_KEY, metricrecord_key: str = METRICS_KEY,
                  screen: ReplyScreen | None = None, max_norm_ratio: float = 1e3,
-                 any_rank: bool = False) -> None:
+                 any_rank: bool = False, comm_budget_mb: float | None = None) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
@@ -90,6 +99,7 @@ class LoraStrategy(Strategy):
         self.screen = screen or ReplyScreen(any_rank=any_rank, max_norm_ratio=max_norm_ratio,
                                             arrayrecord_key=arrayrecord_key, metricrecord_key=metricrecord_key)
         self.last_report = ScreenReport()
+        self.communication = CommunicationTracker(comm_budget_mb)
 
     # -- what a family provides ----------------------------------------------------------
     def begin_train(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -109,6 +119,22 @@ class LoraStrategy(Strategy):
     def train_plan(self, server_round: int) -> str:
         """Tail of the ``configure_train`` log line (default: empty)."""
         return ""
+
+    def before_train(self, server_round: int, node_ids: list[int], config: ConfigRecord, grid: Grid) -> None:
+        """Ask the sampled nodes anything needed before their train messages (default: nothing).
+
+        Whatever is sent here goes through :meth:`exchange`, so it is counted.
+        """
+
+    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
+        """See every train reply before the screen does (default: nothing)."""
+
+    def exchange(self, server_round: int, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and wait for the replies, outside Flower's round (counted both ways)."""
+        self.communication.sent(server_round, messages)
+        replies = list(grid.send_and_receive(messages)) if messages else []
+        self.communication.received(server_round, replies)
+        return replies
 
     @abstractmethod
     def train_template(self, server_round: int) -> Template:
@@ -152,32 +178,53 @@ class LoraStrategy(Strategy):
     # -- Flower's Strategy ---------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.communication.start_phase()
         self.begin_train(server_round, arrays)
         node_ids = self.sample(grid, self.fraction_train, self.min_train_nodes)
+        self.before_train(server_round, node_ids, config, grid)
         log(INFO, "configure_train: %d nodes%s", len(node_ids), self.train_plan(server_round))
-        return self.messages(server_round, node_ids, arrays, config, MessageType.TRAIN,
-                             self.train_config(server_round))
+        messages = self.messages(server_round, node_ids, arrays, config, MessageType.TRAIN,
+                                 self.train_config(server_round))
+        self.communication.sent(server_round, messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        report = self.screen.train(list(replies), self.train_template(server_round))
+        replies = list(replies)
+        self.communication.received(server_round, replies)
+        self.observe_replies(server_round, replies)
+        report = self.screen.train(replies, self.train_template(server_round))
         self.last_report = report
         arrays, metrics = self.aggregate_uploads(server_round, report)
-        return arrays, to_metricrecord(metrics)
+        return arrays, to_metricrecord({**metrics, **self.communication.metrics()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        self.communication.start_phase()
         self.begin_evaluate(server_round, arrays)
         node_ids = self.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        return self.messages(server_round, node_ids, arrays, config, MessageType.EVALUATE)
+        messages = self.messages(server_round, node_ids, arrays, config, MessageType.EVALUATE)
+        self.communication.sent(server_round, messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        ok, _ = self.screen.evaluate(list(replies))  # the screen logs every rejected reply
+        replies = list(replies)
+        self.communication.received(server_round, replies)
+        ok, _ = self.screen.evaluate(replies)  # the screen logs every rejected reply
         if not ok:
-            return None
+            return to_metricrecord(self.communication.metrics()) if replies else None
         metrics = [m for _, m in ok]
         weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
-        return to_metricrecord(weighted_metric_mean(metrics, weights))
+        return to_metricrecord({**weighted_metric_mean(metrics, weights), **self.communication.metrics()})
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def export_state(self) -> StrategyState:
+        """The communication totals (a family adds its own state to this)."""
+        return StrategyState(meta={COMM_STATE_KEY: self.communication.state()})
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Take back the communication totals, so a resumed run keeps counting."""
+        self.communication.restore(state.meta.get(COMM_STATE_KEY))
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f", self.fraction_train, self.fraction_evaluate)
@@ -185,5 +232,6 @@ class LoraStrategy(Strategy):
             self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes)
         log(INFO, "\t├──> Reply screen: max norm ratio %g, any rank %s",
             self.screen.max_norm_ratio, self.screen.any_rank)
+        log(INFO, "\t├──> Communication: %s", self.communication.summary())
         log(INFO, "\t└──> Keys: weighted by '%s', ArrayRecord '%s', ConfigRecord '%s', MetricRecord '%s'",
             self.weighted_by_key, self.arrayrecord_key, self.configrecord_key, self.metricrecord_key)

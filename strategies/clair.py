@@ -72,7 +72,7 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         catches sign flip, scaling and IPM.
     form, pairs, seed
         As in :class:`~clair_flower.clair.ClairConfig`.
-    max_norm_ratio, fraction_train, ..., min_available_nodes, arrayrecord_key, ...
+    max_norm_ratio, fraction_train, ..., min_available_nodes, arrayrecord_key, ..., comm_budget_mb
         :class:`~clair_flower.strategies.base.LoraStrategy`'s (at least 3 nodes by default); the screen
         accepts any LoRA rank.
     """
@@ -85,12 +85,12 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
                  max_norm_ratio: float = 1e3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 3, min_evaluate_nodes: int = 2, min_available_nodes: int = 3,
                  arrayrecord_key: str = ARRAYS_KEY, configrecord_key: str = CONFIG_KEY,
-                 metricrecord_key: str = METRICS_KEY) -> None:
+                 metricrecord_key: str = METRICS_KEY, comm_budget_mb: float | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, max_norm_ratio=max_norm_ratio,
                          any_rank=True, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
-                         metricrecord_key=metricrecord_key)
+                         metricrecord_key=metricrecord_key, comm_budget_mb=comm_budget_mb)
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
         cfg = clair_config(config, rank=rank, solver=solver, form=form, c=c, pairs=pairs,

@@ -50,14 +50,18 @@ class PersonalizedLoraStrategy(LoraStrategy):
         Returns
         -------
         StrategyState
-            ``per_client["adapters"]`` keyed by node id, ``shared["consensus"]`` once set.
+            ``per_client["adapters"]`` keyed by node id, ``shared["consensus"]`` once set, the
+            communication totals in ``meta``.
         """
-        shared = {} if self.consensus is None else {"consensus": dict(self.consensus)}
-        return StrategyState(shared=shared,
-                             per_client={"adapters": {n: dict(s) for n, s in self.adapters.items()}})
+        state = super().export_state()
+        if self.consensus is not None:
+            state.shared["consensus"] = dict(self.consensus)
+        state.per_client["adapters"] = {n: dict(s) for n, s in self.adapters.items()}
+        return state
 
     def restore_state(self, state: StrategyState) -> None:
         """Take back the adapters and consensus of :meth:`export_state` (node ids remapped)."""
+        super().restore_state(state)
         self.adapters = {int(n): dict(s) for n, s in state.per_client.get("adapters", {}).items()}
         consensus = state.shared.get("consensus")
         self.consensus = dict(consensus) if consensus is not None else None

@@ -93,16 +93,19 @@ class RoLoRA(LoraStrategy):
 
     # -- checkpoint --------------------------------------------------------------------
     def export_state(self) -> StrategyState:
-        """The phase counter (the parity rule's completed aggregations) and first factor.
+        """The phase counter (the parity rule's completed aggregations), first factor and
+        communication totals.
 
         The full adapter is the global arrays ``Strategy.start`` carries; the checkpoint
         saves those separately, and ``configure_train`` takes them back each round.
         """
-        return StrategyState(meta={"completed-aggregations": self.completed_aggregations,
-                                   "first-factor": self.first_factor})
+        state = super().export_state()
+        state.meta.update({"completed-aggregations": self.completed_aggregations,
+                           "first-factor": self.first_factor})
+        return state
 
     def restore_state(self, state: StrategyState) -> None:
-        """Continue the alternation where the checkpoint left it."""
+        """Continue the alternation where the checkpoint left it (and the communication totals)."""
         first = state.meta.get("first-factor", self.first_factor)
         if first != self.first_factor:
             raise CheckpointError(f"the checkpoint alternates from factor {first}, this strategy "
@@ -110,6 +113,7 @@ class RoLoRA(LoraStrategy):
         completed = state.meta.get("completed-aggregations")
         if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
             raise CheckpointError(f"checkpoint 'completed-aggregations' must be a count, got {completed!r}")
+        super().restore_state(state)
         self.completed_aggregations = completed
 
     def summary(self) -> None:

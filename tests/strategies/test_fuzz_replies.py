@@ -274,7 +274,9 @@ def _check_run(kind: str, payload: Payload, want: str) -> None:
         assert metrics["num-accepted"] == len(NODES) - 1
         assert metrics["duplicate-replies"] == (1 if "2 replies" in want else 0)
         for key, value in ref.train_metrics_clientapp[r].items():
-            if key not in ("num-rejected", "rejected-node-ids", "duplicate-replies") and "seconds" not in key:
+            # Bytes differ by the bad node's messages (tests/strategies/test_communication.py counts them).
+            if key not in ("num-rejected", "rejected-node-ids", "duplicate-replies") and "seconds" not in key \
+                    and not key.startswith("comm-"):
                 assert metrics[key] == value, (r, key)
     _assert_same_arrays(result.arrays, ref.arrays)
     if kind.startswith("clair"):  # every other client's own adapter, not only the consensus
