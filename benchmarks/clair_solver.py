@@ -100,6 +100,24 @@ def part_one_module(n: int, shape: tuple[int, int], rank: int, cfg: ClairConfig)
     }
 
 
+def seven_b_uploads(n: int, n_modules: int, shape: tuple[int, int], rank: int, shared_rank: int = 8,
+                    noise: float = 0.1) -> tuple[dict[int, dict], dict[str, np.ndarray], frozenset[int]]:
+    """One round's uploads at LLM shape: ``updates[client]["layers.MM.proj"]`` float32 factors
+    (never dense), the true shared subspace per module and the contaminated set (one set for
+    every module, as in a real round). Shared with ``benchmarks/aggregation.py`` so both time
+    the same workload."""
+    updates: dict[int, dict] = {k: {} for k in range(n)}
+    truth = {}
+    bad = None
+    for m in range(n_modules):
+        ups, U, bad = make_large_factors(n, shape, rank, shared_rank=shared_rank, noise=noise, seed=100 + m,
+                                         contaminated=bad)
+        for k, f in ups.items():
+            updates[k][f"layers.{m:02d}.proj"] = f
+        truth[f"layers.{m:02d}.proj"] = U
+    return updates, truth, bad
+
+
 def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: ClairConfig,
             modules_run: int | None, repeats: int = 3) -> dict:
     """Generate all modules' float32 factors, then run CLAIR on all of them (or the first few),
@@ -112,14 +130,7 @@ def part_7b(n: int, n_modules: int, shape: tuple[int, int], rank: int, cfg: Clai
     modules left out. The JSON says which.
     """
     t0 = time.perf_counter()
-    updates: dict[int, dict] = {k: {} for k in range(n)}
-    truth = {}
-    bad = None  # one contaminated set for the whole round, as in a real round
-    for m in range(n_modules):
-        ups, U, bad = make_large_factors(n, shape, rank, shared_rank=8, seed=100 + m, contaminated=bad)
-        for k, f in ups.items():
-            updates[k][f"layers.{m:02d}.proj"] = f
-        truth[f"layers.{m:02d}.proj"] = U
+    updates, truth, bad = seven_b_uploads(n, n_modules, shape, rank)
     gen = time.perf_counter() - t0
     factor_bytes = sum(f.nbytes for mods in updates.values() for f in mods.values())
     rss_before = peak_rss_bytes()
