@@ -115,14 +115,19 @@ def majority_vote(
 
 def consistency(pairs: Sequence[Pair], pair_flags: np.ndarray, flagged: np.ndarray,
                 informative: np.ndarray) -> float:
-    """Fraction of informative pairs with ``flagged(k,l) == (k or l flagged)``.
+    """Fraction of informative pairs with at most one flagged end where ``flagged(k,l) == (k or
+    l flagged)``.
 
     1.0 means the flagged-pair pattern is explained by a client set, which is what the
-    model predicts when the decomposition separated benign from contaminated correctly.
+    model predicts when the decomposition separated benign from contaminated correctly. The
+    model says nothing about a pair of two contaminated clients: independent attackers differ
+    (flagged pair), a coordinated group sending near-copies does not (its pairs cost nothing in
+    ``S``). Such pairs are left out; counting them as inconsistent rejected the right point of
+    the lambda path for every group of near-copies above ~2% of the pairs (issue #18).
     """
     ok = tot = 0
     for i, (k, l) in enumerate(pairs):
-        if informative[i]:
+        if informative[i] and not (flagged[k] and flagged[l]):
             tot += 1
             ok += bool(pair_flags[i]) == bool(flagged[k] or flagged[l])
     return ok / tot if tot else 1.0

@@ -76,6 +76,7 @@ def make_instance(
     alpha: float = 16.0,
     seed: int = 0,
     shared_mean: float = 0.0,
+    collusion_noise: float = 0.0,
 ) -> SyntheticInstance:
     """Draw one instance of the synthetic model.
 
@@ -88,7 +89,7 @@ def make_instance(
         permutation, so the set is not a prefix of the ids.
     attack
         ``random`` (independent random rank-r updates of the benign norm), ``colluders`` (all
-        contaminated clients upload one identical random update), ``sign_flip`` and ``scale``
+        contaminated clients upload one random update, identical up to ``collusion_noise``), ``sign_flip`` and ``scale``
         (of the client's own coefficients ``V_k`` on ``U``: the update stays in the benign model's
         span, the off-subspace test's blind spot), ``ipm`` (``-attack_strength/10`` times
         the benign mean).
@@ -98,6 +99,9 @@ def make_instance(
         ``V_k = shared_mean * V_bar + V'_k``: a task direction common to benign clients inside
         ``span(U)``. With the default 0 the coefficients are zero-mean, so a sign flip of them
         is statistically invisible; in-subspace tests need a non-zero mean.
+    collusion_noise
+        ``colluders`` only: each colluder adds its own random rank-``noise_rank`` update of this
+        norm relative to the shared one (0: verbatim copies, whose pairwise differences are zero).
     """
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
@@ -140,6 +144,8 @@ def make_instance(
                     Bk *= mean_norm / np.linalg.norm(Bk @ Ak)
                 elif attack == "colluders":
                     Bk, Ak = coll[0].copy(), coll[1].copy()
+                    if collusion_noise > 0:  # near-copies: the group's own differences are small
+                        Bk, Ak = _near_copy(rng, Bk, Ak, collusion_noise * mean_norm)
                 elif attack in ("sign_flip", "scale"):
                     Ak = Ak.copy()  # in-subspace: only the coefficients on U change
                     rows = slice(common_rank, common_rank + shared_rank)
@@ -150,7 +156,7 @@ def make_instance(
                     Ak = np.concatenate([a for _, a in good], 0)
                     Bk, Ak = _lowrank(Bk, Ak, base_rank)
                 del clean[k][name]
-            if attack == "colluders" and k in bad:
+            if attack == "colluders" and k in bad and collusion_noise == 0:
                 B, A = Bk, Ak  # identical factors: colluders upload one update verbatim
                 scaling = alpha / ranks[k]
                 B = B / scaling
@@ -158,6 +164,15 @@ def make_instance(
                 B, A = _client_factors(rng, Bk, Ak, ranks[k], alpha)
             updates[k][name] = LoraFactors(B=B, A=A, scaling=alpha / ranks[k])
     return SyntheticInstance(updates, Us, bad, clean)
+
+
+def _near_copy(rng: np.random.Generator, B: np.ndarray, A: np.ndarray, size: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The shared update at one rank less plus an own rank-1 term of norm ``size`` (same rank)."""
+    B, A = B[:, :-1], A[:-1]
+    g, h = rng.standard_normal((B.shape[0], 1)), rng.standard_normal((1, A.shape[1]))
+    g *= size / np.linalg.norm(g @ h)
+    return np.concatenate([B, g], 1), np.concatenate([A, h], 0)
 
 
 def _lowrank(B: np.ndarray, A: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

@@ -69,3 +69,16 @@ def test_robust_z_and_in_subspace_flags():
     z, flags = detection.in_subspace_flags([coeffs])
     assert set(np.flatnonzero(flags)) == {3, 7}
     assert z[3] > 3.5 and abs(np.median(z)) < 1e-12
+
+
+def test_consistency_leaves_out_pairs_of_two_flagged_clients():
+    """A coordinated group's own pairs are small (unflagged): the model says nothing about them."""
+    pairs = all_pairs(10)
+    group = {2, 5, 7}
+    pf = np.array([(k in group) != (l in group) for k, l in pairs])  # group-group pairs unflagged
+    flagged = np.isin(np.arange(10), list(group))
+    inf = np.ones(len(pairs), bool)
+    assert detection.consistency(pairs, pf, flagged, inf) == 1.0
+    assert detection.majority_vote(pairs, 10, pf.astype(float), inf, 0.5).flagged.tolist() == flagged.tolist()
+    pf[pairs.index((0, 1))] = True  # a flagged pair between two unflagged clients still counts
+    assert np.isclose(detection.consistency(pairs, pf, flagged, inf), 1 - 1 / (len(pairs) - 3))
