@@ -60,6 +60,19 @@ def _metrics_of(msg: Message) -> dict[str, object]:
     return out
 
 
+CLIENT_SCORE_KEYS = ("score-z", "vote")
+"""Per-client lists of a CLAIR round's detail that a round record keeps by partition."""
+
+
+def round_detail(strategy: Strategy, server_round: int, metrics: MetricRecord | None) -> dict[str, object]:
+    """The round's full train metrics: the strategy's ``round_details`` entry when it keeps one
+    (per-client lists are never in the MetricRecord it hands Flower), else the MetricRecord."""
+    details = getattr(strategy, "round_details", None)
+    if isinstance(details, Mapping) and server_round in details:
+        return dict(details[server_round])
+    return dict(metrics) if metrics is not None else {}
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -140,26 +153,42 @@ class RecordingStrategy(Strategy):
         server_seconds = time.perf_counter() - t0
         if arrays is not None:
             self.arrays = arrays  # what Strategy.start carries into the next round
+        detail = round_detail(self.strategy, server_round, metrics)
         self._round.update({
             "num-replies": len(ok), "bytes-up": int(np.mean(up)) if up else 0,
             "bytes-up-total": int(sum(up)), "server-seconds": server_seconds,
             "client-train-seconds": _mean([s for s in train_secs if np.isfinite(s)]),
-            "train-metrics": dict(metrics) if metrics is not None else {},
+            "train-metrics": detail,
         })
-        self._record_flags(metrics)
+        self._record_flags(detail)
         self._record_rejections()
         return arrays, metrics
 
-    def _record_flags(self, metrics: MetricRecord | None) -> None:
-        if metrics is None or "flagged-node-ids" not in metrics:
+    def _record_flags(self, detail: Mapping[str, object]) -> None:
+        """Flagged partitions, TPR/FPR against the ground truth, and each client's CLAIR score
+        (``client-scores``, by partition) with the rules' ``thresholds``, for the heatmap."""
+        if "flagged-node-ids" not in detail:
             return
-        flagged_nodes = {int(n) for n in metrics["flagged-node-ids"]}  # type: ignore[union-attr]
-        seen = [int(n) for n in metrics.get("node-ids", [])]  # type: ignore[union-attr]
+        flagged_nodes = {int(n) for n in detail["flagged-node-ids"]}  # type: ignore[attr-defined]
+        seen = [int(n) for n in detail.get("node-ids", [])]  # type: ignore[attr-defined]
         population = {self.partition_of[n] for n in seen if n in self.partition_of}
         flagged = {self.partition_of[n] for n in flagged_nodes if n in self.partition_of}
         bad = {self.partition_of[n] for n, t in self.truth.items() if t and n in self.partition_of}
         self._round["flagged-partitions"] = sorted(flagged)
+        self._round["contaminated-partitions"] = sorted(bad & population)
         self._round.update(detection_rates(flagged, bad & population, population))
+        scores = {key: detail.get(key) for key in CLIENT_SCORE_KEYS}
+        if all(isinstance(v, list) and len(v) == len(seen) for v in scores.values()):
+            self._round["client-scores"] = {
+                self._client_key(n): {**{key: vals[i] for key, vals in scores.items()},  # type: ignore[index]
+                                      "flagged": int(n in flagged_nodes)}
+                for i, n in enumerate(seen)}
+            if isinstance(detail.get("thresholds"), Mapping):
+                self._round["thresholds"] = dict(detail["thresholds"])  # type: ignore[arg-type]
+
+    def _client_key(self, node_id: int) -> str:
+        """A client's key in a round record: its partition id, or ``node-<id>`` without one."""
+        return str(self.partition_of[node_id]) if node_id in self.partition_of else f"node-{node_id}"
 
     def _record_rejections(self) -> None:
         report = getattr(self.strategy, "last_report", None)

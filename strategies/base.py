@@ -13,6 +13,7 @@ accepted uploads become the new arrays.
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
@@ -27,7 +28,7 @@ from flwr.supercore import log
 from clair_flower.strategies.communication import STATE_KEY as COMM_STATE_KEY
 from clair_flower.strategies.communication import CommunicationTracker
 from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
-from clair_flower.strategies.records import to_metricrecord
+from clair_flower.strategies.records import RoundReporting, to_metricrecord
 from clair_flower.strategies.screen import ReplyScreen, Template
 from clair_flower.strategies.state import StrategyState
 from clair_flower.strategies.uploads import ScreenReport, Upload, common_scalar_metrics
@@ -54,7 +55,7 @@ def weighted_mean_state(states: list[Mapping[str, np.ndarray]], weights: list[fl
             for k in states[0]}
 
 
-class LoraStrategy(Strategy):
+class LoraStrategy(RoundReporting, Strategy):
     """Sampling, messages, reply screen and metric means; subclasses aggregate.
 
     Parameters
@@ -190,13 +191,16 @@ class LoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
         replies = list(replies)
         self.communication.received(server_round, replies)
         self.observe_replies(server_round, replies)
         report = self.screen.train(replies, self.train_template(server_round))
         self.last_report = report
         arrays, metrics = self.aggregate_uploads(server_round, report)
-        return arrays, to_metricrecord({**metrics, **self.communication.metrics()})
+        metrics = {**metrics, **self.communication.metrics()}
+        # One INFO line, full detail in self.round_details, scalars to Flower (RoundReporting).
+        return arrays, self.report_round(server_round, report, metrics, time.perf_counter() - t0)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -3,11 +3,17 @@
 :class:`ClairAggregator` is what :class:`~clair_flower.strategies.clair.ClairStrategy` (full adapters) and
 :class:`~clair_flower.strategies.clair_rolora.ClairRoLoRA` (one factor per round) share: it runs
 :func:`clair_flower.clair.run_clair` on one round's uploads, keeps every node's flag and
-score-z histories, and builds the round's metrics and its one INFO log line. One failure rule:
-with fewer than 3 uploads, or when ``run_clair`` (or turning the uploads into LoRA factors)
-raises any exception, the round falls back (its type and message are logged as a WARNING and
-the metrics say ``clair-fallback = 1``); what a fallback means is the strategy's business
-(ClairStrategy keeps every adapter, ClairRoLoRA skips the round).
+score-z histories, and builds the round's metrics; :class:`UsesClairAggregator` writes the
+round's one INFO line from them (the rule that decided, the flagged clients by partition id,
+server seconds). One failure rule: with fewer than 3 uploads, or when ``run_clair`` (or turning
+the uploads into LoRA factors) raises any exception, the round falls back (its type and message
+are logged as a WARNING and the metrics say ``clair-fallback = 1``); what a fallback means is
+the strategy's business (ClairStrategy keeps every adapter, ClairRoLoRA skips the round).
+
+A round's metrics hold per-client lists (``node-ids``, ``votes``, ``scores``, ``score-z``,
+``flagged-node-ids``) and strings (``clair-decision``); the strategy keeps them in its
+``round_details`` and hands Flower only the scalars
+(:class:`~clair_flower.strategies.records.RoundReporting`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -23,7 +29,8 @@ from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
 from clair_flower.lora import LoraFactors
-from clair_flower.strategies.uploads import Upload
+from clair_flower.strategies.records import client_names
+from clair_flower.strategies.uploads import ScreenReport, Upload
 
 DECISIONS = ("vote", "fallback", "none")
 """Which rule decided a round's flags (see :attr:`clair_flower.clair.ClairResult.decision`)."""
@@ -32,6 +39,9 @@ MIN_UPLOADS = 3
 """CLAIR compares pairwise differences: with fewer uploads there is no majority to trust."""
 
 FALLBACK_METRICS: dict[str, object] = {"clair-fallback": 1, "num-flagged": 0}
+
+DECISION_KEY = "clair-decision"
+"""Detail key (a string, so never in the MetricRecord) naming the rule that decided the round."""
 
 
 def clair_config(config: ClairConfig | None, **settings: Any) -> ClairConfig:
@@ -96,7 +106,8 @@ class ClairAggregator:
         if len(uploads) < MIN_UPLOADS:
             log(WARNING, "CLAIR needs at least %d usable uploads, got %d: %s",
                 MIN_UPLOADS, len(uploads), self.fallback)
-            return None, dict(FALLBACK_METRICS)
+            return None, {**FALLBACK_METRICS, "clair-note": note,
+                          "clair-fallback-reason": f"{len(uploads)} usable uploads, CLAIR needs {MIN_UPLOADS}"}
         t0 = time.perf_counter()
         try:
             updates: dict[Hashable, Mapping[str, LoraFactors | np.ndarray]] = {
@@ -107,19 +118,22 @@ class ClairAggregator:
             result = run_clair(updates, self.config, prior)
         except Exception as err:  # noqa: BLE001 - a failed solve must not end the ServerApp
             log(WARNING, "CLAIR failed this round (%s: %s): %s", type(err).__name__, err, self.fallback)
-            return None, dict(FALLBACK_METRICS)
+            return None, {**FALLBACK_METRICS, "clair-note": note,
+                          "clair-fallback-reason": f"CLAIR failed: {type(err).__name__}"}
         seconds = time.perf_counter() - t0
-        log(INFO, "%s round %d%s: decided by %s, flagged %s, trusted clients get %s, %.2f s", self.label,
-            server_round, note, result.decision, sorted(result.flagged) or "none",
-            result.diagnostics.get("trusted_get", "refined"), seconds)
         for nid, client in result.clients.items():
             self.flag_history.setdefault(nid, []).append(int(client.flagged))
             self.score_z_history.setdefault(nid, []).append(float(client.score_z))
-        return result, self.round_metrics(result, [u.node_id for u in uploads], seconds)
+        return result, {**self.round_metrics(result, [u.node_id for u in uploads], seconds), "clair-note": note}
 
-    @staticmethod
-    def round_metrics(result: ClairResult, nids: list[int], seconds: float) -> dict[str, object]:
-        """Flags, votes, scores, the decision, lambda and the solver's health of one round."""
+    def round_metrics(self, result: ClairResult, nids: list[int], seconds: float) -> dict[str, object]:
+        """Flags, votes, scores, the decision, lambda and the solver's health of one round.
+
+        The per-client lists follow ``node-ids``; ``thresholds`` holds the two rules' cut-offs
+        (``vote``: a client's pair vote above it flags it when the vote decides; ``score-z``: a
+        robust z of the score above it flags it when the score-outlier fallback decides), so a
+        per-client plot can draw them.
+        """
         diag = result.diagnostics
         trunc = [max(result.clients[n].truncation_error.values(), default=0.0) for n in nids]
         lams = [float(m.diagnostics.get("lam", float("nan"))) for m in result.modules.values()]
@@ -135,6 +149,10 @@ class ClairAggregator:
             "node-ids": nids,
             "votes": [float(result.clients[n].vote) for n in nids],
             "scores": [float(result.clients[n].score) for n in nids],
+            "score-z": [float(result.clients[n].score_z) for n in nids],
+            DECISION_KEY: result.decision,
+            "trusted-get": str(diag.get("trusted_get", "refined")),
+            "thresholds": {"vote": float(self.config.vote_threshold), "score-z": float(self.config.z_threshold)},
             "lambda": float(np.nanmedian(lams)) if lams else float("nan"),
             "solver-ok": int(ok),
             "solver-seconds": float(diag.get("seconds", seconds)),
@@ -157,3 +175,18 @@ class UsesClairAggregator:
     def flag_history(self) -> dict[int, list[int]]:
         """Every node's flags, one per CLAIR round it took part in."""
         return self.clair.flag_history
+
+    def round_line(self, server_round: int, report: ScreenReport, detail: Mapping[str, object]) -> str:
+        """The round's INFO line: the rule that decided, the flagged clients (by partition id when
+        their replies report one), what the trusted clients get, server and CLAIR seconds."""
+        head = f"{self.clair.label} round {server_round}{detail.get('clair-note', '')}"
+        seconds = f"server {float(detail['server-seconds']):.2f} s"  # type: ignore[arg-type]
+        rejected = self.rejected_text(report)  # type: ignore[attr-defined]
+        if DECISION_KEY not in detail:
+            reason = detail.get("clair-fallback-reason", "no usable uploads")
+            return f"{head}: not decided ({reason}), {self.clair.fallback}{rejected}, {seconds}"
+        flagged = client_names(detail.get("flagged-node-ids", []), self.partition_of)  # type: ignore[arg-type, attr-defined]
+        tail = f", {self.clair.fallback}" if detail.get("clair-fallback") else ""
+        return (f"{head}: decided by {detail[DECISION_KEY]}, flagged {flagged}, trusted clients get "
+                f"{detail.get('trusted-get')}{tail}{rejected}, {seconds} "
+                f"(CLAIR {float(detail.get('clair-seconds', 0.0)):.2f} s)")  # type: ignore[arg-type]

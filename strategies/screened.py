@@ -10,6 +10,7 @@ a screened FedAvg reports what FlowerTune's tracker reports.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import INFO
 
@@ -21,7 +22,7 @@ from flwr.supercore import log
 from clair_flower.strategies.communication import STATE_KEY as COMM_STATE_KEY
 from clair_flower.strategies.communication import CommunicationTracker
 from clair_flower.strategies.protocol import ARRAYS_KEY, METRICS_KEY
-from clair_flower.strategies.records import to_arrayrecord
+from clair_flower.strategies.records import RoundReporting, to_arrayrecord
 from clair_flower.strategies.screen import ReplyScreen
 from clair_flower.strategies.state import CheckpointError, HasServerState, StrategyState
 from clair_flower.strategies.uploads import ScreenReport, common_scalar_metrics
@@ -32,7 +33,7 @@ STATELESS_FLOWER_STRATEGIES: tuple[type[Strategy], ...] = (FedAvg, FedProx, FedM
                                                            Krum, MultiKrum, Bulyan)
 
 
-class ScreenedStrategy(Strategy):
+class ScreenedStrategy(RoundReporting, Strategy):
     """Any Flower strategy, fed only the replies that pass a :class:`ReplyScreen`.
 
     Parameters
@@ -118,6 +119,7 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
         replies = list(replies)
         self.communication.received(server_round, replies)
         report = self.screen.train(replies, self.template)
@@ -135,10 +137,14 @@ class ScreenedStrategy(Strategy):
         arrays, metrics = (None, None)
         if passed:
             arrays, metrics = self.strategy.aggregate_train(server_round, passed)
-        metrics = metrics if metrics is not None else MetricRecord()
-        for k, v in {**report.metrics(), **self.communication.metrics()}.items():
-            metrics[k] = v  # type: ignore[assignment]
-        return arrays, metrics
+        detail = {**(dict(metrics) if metrics is not None else {}), **report.metrics(),
+                  **self.communication.metrics()}
+        # One INFO line, full detail in self.round_details, scalars to Flower (RoundReporting).
+        return arrays, self.report_round(server_round, report, detail, time.perf_counter() - t0)
+
+    def round_label(self) -> str:
+        """The wrapped strategy's class name (``FedAvg``, ``Krum``, ...)."""
+        return type(self.strategy).__name__
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -78,4 +78,4 @@ def test_clair_detects_planted_clients_in_a_flowertune_llama_project() -> None:
     # Round 1 starts every client from the same zero-B adapter, so its evidence is weak;
     # from round 2 on, the planted clients must be exactly the flagged set.
     for rnd in (2, 3):
-        assert set(result.train_metrics_clientapp[rnd]["flagged-node-ids"]) == planted, rnd
+        assert set(strategy.round_details[rnd]["flagged-node-ids"]) == planted, rnd

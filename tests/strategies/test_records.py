@@ -17,3 +17,48 @@ def test_arrayrecord_round_trip_keeps_peft_keys() -> None:
     back = from_arrayrecord(to_arrayrecord(state))
     assert list(back) == list(state)
     np.testing.assert_array_equal(back["m.q_proj.lora_A.weight"], state["m.q_proj.lora_A.weight"])
+
+
+# -- the round's MetricRecord, detail and INFO line (issue 20, item 3) --------------------------
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+from clair_flower.strategies.records import RoundReporting, client_names, partition_ids, scalar_metrics  # noqa: E402
+from clair_flower.strategies.uploads import ScreenReport, Upload  # noqa: E402
+
+
+def test_round_metricrecord_keeps_scalars_and_drops_identities() -> None:
+    metrics = {"num-flagged": 2, "lambda": np.float32(0.5), "solver-ok": np.bool_(True), "votes": [0.1, 0.9],
+               "flagged-node-ids": [17929489690794424321], "clair-decision": "vote", "thresholds": {"vote": 0.5},
+               "partition-id": 4.5, "num-partitions": 10}
+    assert scalar_metrics(metrics) == {"num-flagged": 2, "lambda": 0.5, "solver-ok": 1}
+
+
+def test_clients_are_named_by_partition_when_they_report_one() -> None:
+    uploads = [Upload(11, {}, 1.0, {"partition-id": 2}), Upload(12, {}, 1.0, {"partition-id": 4.0}),
+               Upload(13, {}, 1.0, {}), Upload(14, {}, 1.0, {"partition-id": 1.5})]
+    pids = partition_ids(uploads)
+    assert pids == {11: 2, 12: 4}  # no id, and a non-integer one, are not partitions
+    assert client_names([12, 11], pids) == "partitions [2, 4]"
+    assert client_names([13], pids) == "nodes [13]"
+    assert client_names([13, 11], pids) == "[partition 2, node 13]"
+    assert client_names([], pids) == "none"
+
+
+class _Reporter(RoundReporting):
+    pass
+
+
+def test_report_round_logs_one_line_and_keeps_the_detail(caplog: pytest.LogCaptureFixture) -> None:
+    reporter = _Reporter()
+    report = ScreenReport(accepted=[Upload(11, {}, 1.0, {"partition-id": 0}), Upload(12, {}, 1.0, {"partition-id": 1})],
+                          rejected={99: "contains NaN or Inf"})
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        record = reporter.report_round(3, report, {"num-accepted": 2, "rejected-node-ids": [99]}, 0.25)
+    lines = [r.getMessage() for r in caplog.records if "round 3" in r.getMessage()]
+    assert lines == ["_Reporter round 3: aggregated 2 of 3 clients, rejected nodes [99], server 0.25 s"]
+    assert dict(record) == {"num-accepted": 2, "server-seconds": 0.25}
+    assert reporter.round_details[3]["rejected-node-ids"] == [99]
+    assert reporter.partition_of == {11: 0, 12: 1}

@@ -212,7 +212,8 @@ def test_clair_rolora_any_clair_failure_skips_the_round(monkeypatch: pytest.Monk
     uploads = [Upload(n, {"m.lora_B.weight": rng.standard_normal((6, 4)).astype(np.float32)}, 1.0, {})
                for n in (1, 2, 3)]
     new, metrics = strategy.aggregate_factor(1, "B", uploads)
-    assert new is None and metrics == {"clair-fallback": 1, "num-flagged": 0}
+    assert new is None and metrics["clair-fallback"] == 1 and metrics["num-flagged"] == 0
+    assert metrics["clair-fallback-reason"] == "CLAIR failed: RuntimeError"  # named in the round's line
 
 
 def test_clair_settings_come_from_config_or_keywords_not_both() -> None:
