@@ -1,0 +1,79 @@
+"""Speed-ups of CLAIR's server step leave every flag and refined adapter as the slow path has them.
+
+Issue #21: each speed-up is checked against the code path it replaced on fixed inputs (float32
+uploads of copy-task-like shapes, with and without a shared subspace), comparing the dense
+refined updates ``s B A`` (factor signs are free) to 1e-6 relative, the flags and the decision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from clair_flower.clair import ClairConfig, run_clair
+from clair_flower.clair.solvers import fast
+from clair_flower.clair.synthetic import make_large_factors
+from clair_flower.lora import LoraFactors
+
+SHAPES = {"attn": (48, 16), "proj": (16, 16), "fc": (64, 16)}
+
+
+def _uploads(structured: bool, n: int = 7, rank: int = 4) -> dict[int, dict[str, LoraFactors]]:
+    """Fixed float32 uploads: a shared rank-2 subspace and one contaminated client, or none."""
+    updates: dict[int, dict[str, LoraFactors]] = {k: {} for k in range(n)}
+    bad = None
+    for j, (name, shape) in enumerate(SHAPES.items()):
+        ups, _, bad = make_large_factors(n, shape, rank, shared_rank=2, noise=0.1 if structured else 10.0,
+                                         seed=40 + j, contaminated=bad if structured else frozenset())
+        for k, f in ups.items():
+            updates[k][name] = f
+    return updates
+
+
+def _dense(result) -> dict[tuple, np.ndarray]:
+    return {(c, m): np.asarray(f.B, np.float64) @ np.asarray(f.A, np.float64) * f.scaling
+            for c, rep in result.clients.items() for m, f in rep.refined.items()}
+
+
+def _assert_same(a, b) -> None:
+    assert a.flagged == b.flagged and a.decision == b.decision
+    assert {m: r.diagnostics["c"] for m, r in a.modules.items()} == {m: r.diagnostics["c"] for m, r in b.modules.items()}
+    da, db = _dense(a), _dense(b)
+    assert da.keys() == db.keys()
+    for key, x in da.items():
+        scale = max(float(np.linalg.norm(x)), 1e-30)
+        assert float(np.linalg.norm(x - db[key])) <= 1e-6 * scale, key
+
+
+def _scipy_eigh_above(G: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The SVT's eigendecomposition before issue #21: scipy's wrapper around the same LAPACK."""
+    return scipy.linalg.eigh(G, subset_by_value=(floor, np.inf), driver="evr", check_finite=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3, 40, 130])
+def test_direct_syevr_is_bitwise_scipys_eigh(dtype, n):
+    rng = np.random.default_rng(n)
+    Y = rng.standard_normal((n, 3 * n + 1)).astype(dtype)
+    G = Y @ Y.T
+    ev = np.linalg.eigvalsh(G.astype(np.float64))
+    for floor in (float(np.median(ev)), float(ev[-1]) * 2.0, -1.0):  # some, none, every eigenpair
+        w_ref, v_ref = _scipy_eigh_above(G, floor)
+        w, v = fast.eigh_above(G, floor)
+        assert w.dtype == w_ref.dtype and np.array_equal(w, w_ref) and np.array_equal(v, v_ref)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_run_clair_with_direct_syevr_matches_scipys_eigh(monkeypatch, structured):
+    updates = _uploads(structured)
+    cfg = ClairConfig(workers=1)
+    fast_result = run_clair(updates, cfg)
+    monkeypatch.setattr(fast, "eigh_above", _scipy_eigh_above)
+    _assert_same(fast_result, run_clair(updates, cfg))
+
+
+def test_modules_on_one_thread_match_the_thread_pool():
+    updates = _uploads(structured=False)
+    threaded = run_clair(updates, ClairConfig(workers=2))
+    _assert_same(threaded, run_clair(updates, ClairConfig(workers=1)))
