@@ -102,7 +102,8 @@ def test_limit_a_group_inside_the_benign_model_is_invisible():
         upd[k]["m0"] = LoraFactors(B=u[:, :r] * s[:r] / scaling, A=vt[:r], scaling=scaling)
     res = run_clair(_f32(upd))
     assert not (res.flagged & set(group))
+    assert not (run_clair(_f32(upd), ClairConfig(in_subspace_stage=True)).flagged & set(group))
     clean = run_clair(_f32({k: upd[k] if k not in group else inst.updates[k] for k in upd}))
     for k in honest:  # the benign clients' refined updates barely move
         got, ref = res.clients[k].refined["m0"].dense(), clean.clients[k].refined["m0"].dense()
-        assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
+        assert np.linalg.norm(got - ref) < 0.01 * np.linalg.norm(ref)  # measured: at most 0.12%
