@@ -179,7 +179,7 @@ def train(msg: Message, context: Context) -> Message:
     acfg = attack_config(cfg)
     if contaminated and acfg.name in attacks.MODEL_ATTACKS and attacks.is_active(acfg, server_round):
         reference = (_benign_reference(cfg, received, context, server_round)
-                     if acfg.name in ("alie", "ipm") else None)
+                     if acfg.name in attacks.NEEDS_REFERENCE else None)
         _, n = partition(context)
         state = attacks.poison_update(acfg, state, received, server_round, benign_reference=reference,
                                       num_clients=n,

@@ -1,6 +1,6 @@
 """Contaminated-client behaviour for the S-copy simulation: data poisoning and model poisoning.
 
-(Over 400 lines: the catalogue of eleven attacks, each a short function, and the one table that
+(Over 400 lines: the catalogue of thirteen attacks, each a short function, and the one table that
 documents them; it reads as one list.)
 
 Pure numpy, no Flower: the ClientApp decides *whether* a client attacks
@@ -35,7 +35,26 @@ colluders    all upload one adapter: a direction         group's seed, the      
              all agree on (norm multiplier: 1)           honest updates         direction)
 free-rider   0: ``dW = 0`` (``B = 0``); 1: re-uploads    nothing                yes (0 is
              the received adapter, stale (0)                                    in any span)
+subthreshold own update plus a deviation *off* the          benign updates and     no (by
+             estimated benign subspace, against the      CLAIR's flag rule      design just
+             benign mean, of norm ``k * 0.25 *`` the                            below the
+             median benign pair distance (k: 0.9)                               threshold)
+in-subspace  own update plus a deviation *inside* the    benign updates and     yes
+             estimated benign subspace, against the      CLAIR's model
+             benign mean's part there, of norm ``k``
+             x the median benign spread there (k: 2)
 ===========  ==========================================  =====================  ==========
+
+The last two are adaptive: they know CLAIR's rule. Both estimate the benign subspace as the top
+``r`` left singular vectors (``r``: the attacker's own LoRA rank) of the centred benign reference
+updates, and both change ``B`` only (``dW' = dW + dB @ A``), so the upload keeps its rank and the
+deviation lies exactly where it is aimed: ``dB = D @ pinv(A)`` for the aimed direction ``D``.
+*subthreshold* scales its off-subspace deviation to ``k`` times CLAIR's pair-flag threshold
+(``||S_kl|| > 0.25 x`` the median pair difference, :data:`CLAIR_FLAG_THRESHOLD`), measured on the
+benign references: as much as the off-subspace test is expected to let through. *in-subspace*
+puts its deviation where that test cannot look at all, sized by the benign spread of the
+in-subspace coefficients so that CLAIR+'s robust z stays small for ``k`` below about 3. ALIE is
+tuned to the benign spread already (``mean - z std`` of the references).
 
 "Inside the benign subspace" means the column space of the uploaded ``dW`` lies in the span of
 benign updates, so CLAIR's off-subspace test (docs/DESIGN.md section 3, *CLAIR+*) cannot see
@@ -76,7 +95,13 @@ from clair_flower.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, factors_from_state_d
 DATA_ATTACKS: tuple[str, ...] = ("reversed", "permutation", "random", "backdoor")
 MODEL_ATTACKS: tuple[str, ...] = (
     "sign-flip", "scaling", "gaussian", "alie", "ipm", "colluders", "free-rider",
+    "subthreshold", "in-subspace",
 )
+#: Model attacks that read honestly trained benign adapters (``benign_reference``).
+NEEDS_REFERENCE: tuple[str, ...] = ("alie", "ipm", "subthreshold", "in-subspace")
+#: CLAIR's default pair-flag threshold (``ClairConfig.flag_threshold``), what ``subthreshold``
+#: aims under. Copied, not imported: the simulation never imports the method (tests check equality).
+CLAIR_FLAG_THRESHOLD = 0.25
 ATTACKS: tuple[str, ...] = ("none",) + DATA_ATTACKS + MODEL_ATTACKS
 
 #: Default ``strength`` per attack; ``alie`` is ``None`` because its default z comes from
@@ -94,6 +119,8 @@ DEFAULT_STRENGTH: dict[str, float | None] = {
     "ipm": 0.5,
     "colluders": 1.0,
     "free-rider": 0.0,
+    "subthreshold": 0.9,
+    "in-subspace": 2.0,
 }
 ALIE_FALLBACK_Z = 1.0
 
@@ -107,7 +134,7 @@ BACKDOOR_TARGET_PERIOD = 64
 
 # Distinct tags so the partition draw, the permutation, the target and the noise, all seeded by
 # cfg.seed, are independent streams.
-_TAG_PARTITIONS, _TAG_PERMUTATION, _TAG_TARGET, _TAG_GAUSSIAN, _TAG_COLLUDE, _TAG_BOOT = range(6)
+_TAG_PARTITIONS, _TAG_PERMUTATION, _TAG_TARGET, _TAG_GAUSSIAN, _TAG_COLLUDE, _TAG_BOOT, _TAG_ADAPT = range(7)
 
 Poison = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 StateDict = dict[str, np.ndarray]
@@ -190,7 +217,7 @@ def _validate_strength(name: str, strength: float | None) -> None:
         raise ValueError(f"backdoor: strength is the poisoned fraction, in (0, 1]; got {strength}")
     if name == "free-rider" and strength not in (0.0, 1.0):
         raise ValueError(f"free-rider: strength 0 (zero update) or 1 (stale); got {strength}")
-    if name in ("gaussian", "colluders") and strength < 0:
+    if name in ("gaussian", "colluders", "subthreshold", "in-subspace") and strength < 0:
         raise ValueError(f"{name}: strength must be >= 0, got {strength}")
 
 
@@ -518,6 +545,47 @@ def _colluders(
     return _like(out, honest)
 
 
+def _benign_subspace(products: Sequence[np.ndarray], rank: int) -> np.ndarray:
+    """Top ``rank`` left singular vectors of the centred benign products (p x k, k <= rank);
+    directions below 1e-5 of the largest are float32 rounding of the uploads, not spread."""
+    mean = np.mean(products, axis=0)
+    u, sv, _ = np.linalg.svd(np.concatenate([P - mean for P in products], axis=1), full_matrices=False)
+    k = int(min(rank, np.sum(sv > 1e-5 * (sv[0] if sv.size else 0.0))))
+    return u[:, :k]
+
+
+def _adaptive(honest: Mapping[str, np.ndarray], refs: Sequence[Mapping[str, np.ndarray]], k: float,
+              inside: bool, seed: int, server_round: int) -> StateDict:
+    """``subthreshold`` (``inside=False``) and ``in-subspace``: ``B -> B + dB`` per module with
+    ``dB @ A`` aimed against the benign mean off (or inside) the estimated benign subspace, at
+    the size the module docstring gives. A seeded random direction stands in where the aimed
+    one vanishes (a benign mean with no part there)."""
+    out: dict[str, np.ndarray] = dict(honest)
+    for ka, kb in _module_pairs(honest):
+        A = np.asarray(honest[ka], dtype=np.float64)
+        B = np.asarray(honest[kb], dtype=np.float64)
+        prods = [np.asarray(r[kb], dtype=np.float64) @ np.asarray(r[ka], dtype=np.float64) for r in refs]
+        mean = np.mean(prods, axis=0)
+        U = _benign_subspace(prods, A.shape[0])
+
+        def place(D: np.ndarray) -> np.ndarray:
+            inner = U @ (U.T @ D)
+            return inner if inside else D - inner
+
+        if inside:
+            size = k * float(np.median([np.linalg.norm(U.T @ (P - mean)) for P in prods]))
+        else:
+            pair = [np.linalg.norm(P - Q) for i, P in enumerate(prods) for Q in prods[i + 1:]]
+            size = k * CLAIR_FLAG_THRESHOLD * float(np.median(pair)) if pair else 0.0
+        dB = place(-mean) @ np.linalg.pinv(A)
+        if np.linalg.norm(dB @ A) <= 1e-12 * max(np.linalg.norm(mean), 1e-300):
+            rng = _rng(seed, _TAG_ADAPT, server_round, zlib.crc32(kb.encode()))
+            dB = place(rng.standard_normal(B.shape))
+        dev = float(np.linalg.norm(dB @ A))
+        out[kb] = B + (dB * (size / dev) if dev > 0 else 0.0)
+    return _like(out, honest)
+
+
 def _free_rider(honest: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], stale: bool) -> StateDict:
     """Stale: the received adapter unchanged. Zero: ``B = 0`` with the received ``A`` (a valid,
     untrained-looking adapter whose ``dW`` is exactly 0)."""
@@ -555,8 +623,8 @@ def poison_update(
     received : what the server sent (used by the free-rider only).
     server_round : 1-based; before ``cfg.start_round``, and for ``none`` and data attacks (which
         act through the training data), ``honest`` is returned (as a copy).
-    benign_reference : honestly trained benign adapters, for ALIE, IPM (mean/std) and the
-        colluders' norm; ``None`` falls back to the attacker's own ``honest`` (module docstring).
+    benign_reference : honestly trained benign adapters, for ALIE, IPM (mean/std), the adaptive
+        attacks (:data:`NEEDS_REFERENCE`) and the colluders' norm; ``None`` falls back to the attacker's own ``honest`` (module docstring).
     num_clients, num_malicious : federation size, for ALIE's default ``z = alie_z(n, m)``.
     shared_norm : colluders' total ``||B A||`` norm, if the caller can give all colluders the
         same value; else :func:`colluder_norm` (times ``strength``).
@@ -585,4 +653,6 @@ def poison_update(
     refs = list(benign_reference) if benign_reference else _bootstrap_reference(honest, cfg.seed, server_round)
     if cfg.name == "alie":
         return _alie(honest, refs, k)
+    if cfg.name in ("subthreshold", "in-subspace"):
+        return _adaptive(honest, refs, k, cfg.name == "in-subspace", cfg.seed, server_round)
     return _ipm(honest, refs, k)
