@@ -60,8 +60,8 @@ def _metrics_of(msg: Message) -> dict[str, object]:
     return out
 
 
-CLIENT_SCORE_KEYS = ("score-z", "vote")
-"""Per-client lists of a CLAIR round's detail that a round record keeps by partition."""
+CLIENT_SCORE_KEYS = {"score-z": "score-z", "vote": "votes"}
+"""A round record's per-client entry -> the list of a CLAIR round's detail it comes from."""
 
 
 def round_detail(strategy: Strategy, server_round: int, metrics: MetricRecord | None) -> dict[str, object]:
@@ -177,7 +177,7 @@ class RecordingStrategy(Strategy):
         self._round["flagged-partitions"] = sorted(flagged)
         self._round["contaminated-partitions"] = sorted(bad & population)
         self._round.update(detection_rates(flagged, bad & population, population))
-        scores = {key: detail.get(key) for key in CLIENT_SCORE_KEYS}
+        scores = {key: detail.get(source) for key, source in CLIENT_SCORE_KEYS.items()}
         if all(isinstance(v, list) and len(v) == len(seen) for v in scores.values()):
             self._round["client-scores"] = {
                 self._client_key(n): {**{key: vals[i] for key, vals in scores.items()},  # type: ignore[index]

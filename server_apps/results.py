@@ -20,6 +20,7 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 ACCURACY_PNG = "benign_accuracy.png"
 DETECTION_PNG = "detection.png"
+SCORES_PNG = "client_scores.png"
 
 
 def detection_rates(flagged: set[int], contaminated: set[int], population: set[int]) -> dict[str, float]:
@@ -104,38 +105,149 @@ class RunWriter:
         write_atomic(self.out_dir / SUMMARY_MD, summary_markdown(summary))
 
     def write_plots(self, rounds: Sequence[Mapping[str, object]], title: str) -> list[Path]:
-        """Benign accuracy per round, and TPR/FPR per round when the strategy flags."""
-        paths = [_round_plot(self.out_dir / ACCURACY_PNG, rounds, title,
-                             (("benign-token-acc", "token accuracy"), ("benign-exact-acc", "exact-sequence accuracy")),
-                             ylabel="mean over benign clients", ylim=(0, 1))]
+        """Benign accuracy per round; TPR/FPR per round and the clients x rounds score heatmap
+        when the strategy flags."""
+        figures = [(ACCURACY_PNG, round_figure(rounds, title,
+                                               (("benign-token-acc", "token accuracy"),
+                                                ("benign-exact-acc", "exact-sequence accuracy")),
+                                               ylabel="mean over benign clients", ylim=(0, 1)))]
         if any(r.get("tpr") is not None for r in rounds):
-            paths.append(_round_plot(self.out_dir / DETECTION_PNG, rounds, f"{title}: detection",
-                                     (("tpr", "TPR"), ("fpr", "FPR")), ylabel="rate", ylim=(-0.05, 1.05)))
-        return paths
+            figures.append((DETECTION_PNG, round_figure(rounds, f"{title}: detection", (("tpr", "TPR"), ("fpr", "FPR")),
+                                                        ylabel="rate", ylim=(-0.05, 1.05))))
+        heatmap = score_heatmap_figure(rounds, f"{title}: per-client score")
+        if heatmap is not None:
+            figures.append((SCORES_PNG, heatmap))
+        return [save_figure(fig, self.out_dir / name) for name, fig in figures]
 
 
-def _round_plot(path: Path, rounds: Sequence[Mapping[str, object]], title: str,
-                series: Sequence[tuple[str, str]], ylabel: str, ylim: tuple[float, float]) -> Path:
-    """One line per (record key, label) against the round number, saved as a PNG."""
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """Lay out, write and close ``fig`` (closing keeps a long grid from holding every figure)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def integer_round_ticks(ax) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Rounds are whole numbers: no tick at 1.5 on a round axis, and one tick, not 0.96 ... 1.04,
+    when a run has a single round (``min_n_ticks=1``: integers even when one fits in the view)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def round_figure(rounds: Sequence[Mapping[str, object]], title: str, series: Sequence[tuple[str, str]],
+                 ylabel: str, ylim: tuple[float, float]):  # noqa: ANN201 - a matplotlib Figure
+    """One line per (record key, label) against the round number, on integer round ticks."""
     xs = [int(r["round"]) for r in rounds]  # type: ignore[call-overload]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for (key, label), marker in zip(series, "os^v"):
         ax.plot(xs, [_num(r.get(key)) for r in rounds], marker=marker, label=label)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
     ax.set_title(title)
+    integer_round_ticks(ax)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+# -- the clients x rounds view of a flagging strategy --------------------------------------------
+
+SCORE_KEY = "score-z"
+"""The per-client score a heatmap shows: the robust z of CLAIR's score, which the score-outlier
+rule compares with its threshold (``thresholds["score-z"]`` of a round record)."""
+
+
+def _client_order(key: str) -> tuple[int, float, str]:
+    """Partitions in numeric order, then clients known only by node id."""
+    return (0, float(key), "") if key.lstrip("-").isdigit() else (1, 0.0, key)
+
+
+def score_matrix(rounds: Sequence[Mapping[str, object]], key: str = SCORE_KEY
+                 ) -> tuple[list[str], list[int], np.ndarray, np.ndarray, set[str], float | None]:
+    """The heatmap's data from round records (``client-scores``, by partition).
+
+    Returns
+    -------
+    clients, round numbers, scores (clients x rounds, NaN where a client did not take part),
+    flags (same shape, True where the round flagged the client), the contaminated clients
+    (ground truth of any round), and the threshold of ``key`` (None if no round recorded one).
+    """
+    scored = [r for r in rounds if isinstance(r.get("client-scores"), Mapping)]
+    clients = sorted({str(c) for r in scored for c in r["client-scores"]}, key=_client_order)  # type: ignore[union-attr]
+    nums = [int(r["round"]) for r in scored]  # type: ignore[call-overload]
+    values = np.full((len(clients), len(scored)), np.nan)
+    flags = np.zeros(values.shape, dtype=bool)
+    row = {c: i for i, c in enumerate(clients)}
+    threshold = None
+    for j, r in enumerate(scored):
+        for c, entry in r["client-scores"].items():  # type: ignore[union-attr]
+            if entry.get(key) is not None:
+                values[row[str(c)], j] = float(entry[key])
+            flags[row[str(c)], j] = bool(entry.get("flagged"))
+        thresholds = r.get("thresholds")
+        if isinstance(thresholds, Mapping) and thresholds.get(key) is not None:
+            threshold = float(thresholds[key])
+    bad = {str(c) for r in scored for c in (r.get("contaminated-partitions") or [])}  # type: ignore[union-attr]
+    return clients, nums, values, flags, bad, threshold
+
+
+def draw_score_heatmap(ax, rounds: Sequence[Mapping[str, object]], title: str) -> bool:  # noqa: ANN001
+    """Clients x rounds heatmap of the per-client score on ``ax``; False when no round has scores.
+
+    The colour scale is centred on the flag threshold (red above, blue below) and the colour bar
+    marks it; a flagged cell carries an ``x``; contaminated clients' labels are red with ``*``.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
+    clients, nums, values, flags, bad, threshold = score_matrix(rounds)
+    if not clients or not np.isfinite(values).any():
+        return False
+    centre = threshold if threshold is not None else float(np.nanmedian(values))
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    norm = TwoSlopeNorm(vcenter=centre, vmin=min(lo, centre - 1.0), vmax=max(hi, centre + 1.0))
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="coolwarm", norm=norm,
+                      interpolation="nearest")
+    cbar = ax.figure.colorbar(image, ax=ax)
+    cbar.set_label("robust z of CLAIR's score")
+    if threshold is not None:
+        cbar.ax.axhline(threshold, color="black", lw=2)
+        cbar.ax.text(0.5, threshold, f" {threshold:g}", va="bottom", ha="left", fontsize=7,
+                     transform=cbar.ax.get_yaxis_transform())
+    for i, j in zip(*np.nonzero(flags)):
+        ax.text(j, i, "x", ha="center", va="center", fontsize=10, fontweight="bold")
+    ax.set_xticks(range(len(nums)), [str(n) for n in nums])
+    ax.set_yticks(range(len(clients)), [f"{c} *" if c in bad else c for c in clients])
+    for label, c in zip(ax.get_yticklabels(), clients):
+        if c in bad:
+            label.set_color("tab:red")
+            label.set_fontweight("bold")
+    ax.set(xlabel="round", ylabel="client (partition)", title=title)
+    return True
+
+
+def score_heatmap_figure(rounds: Sequence[Mapping[str, object]], title: str):  # noqa: ANN201
+    """The heatmap as its own figure, with a legend line; None when no round has client scores."""
+    clients, nums, *_ = score_matrix(rounds)
+    if not clients:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(nums) + 3), max(3.0, 0.3 * len(clients) + 1.6)))
+    if not draw_score_heatmap(ax, rounds, f"{title}\nx: flagged, red *: contaminated, bar line: threshold"):
+        plt.close(fig)
+        return None
+    return fig
 
 
 def last_value(rounds: Sequence[Mapping[str, object]], key: str) -> object:

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, gain_over_local, ordered, pivot,
-                                            select_rows)
+                                            seeds_of, select_rows)
+from clair_flower.server_apps.results import draw_score_heatmap, integer_round_ticks
+
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = "os^vDP*Xh<>p"
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib.pyplot
@@ -31,6 +35,29 @@ def _panels(n: int):  # noqa: ANN202
     return plt, fig, list(axes.flat[:n])
 
 
+def method_style(method: object) -> dict[str, object]:
+    """One colour, line style and marker per method, the same in every panel and figure.
+
+    A grid runs up to 13 methods; matplotlib's default cycle has 10 colours, so two methods
+    would share one. CLAIR is drawn thicker.
+    """
+    i = STRATEGY_ORDER.index(method) if method in STRATEGY_ORDER else len(STRATEGY_ORDER) + len(str(method)) % 7
+    return {"color": _pyplot().get_cmap("tab20")(i % 20), "ls": LINESTYLES[i % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)], "lw": 2.5 if method == "clair" else 1.4}
+
+
+def _method_legend(fig, axes) -> None:  # noqa: ANN001
+    """One legend for the figure with every line drawn in any panel (a panel's own legend would
+    miss the methods that did not run against its attack)."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, frameon=False)
+
+
 def _per_round(rows: Sequence[Mapping[str, object]], key: str) -> tuple[list[int], list[float]]:
     """Seed-mean of ``key`` per round."""
     by_round: dict[int, list[float]] = {}
@@ -44,13 +71,14 @@ def _per_round(rows: Sequence[Mapping[str, object]], key: str) -> tuple[list[int
 
 def _save(plt, fig, path: Path) -> Path:  # noqa: ANN001
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the method legend sits outside the panels
     plt.close(fig)
     return path
 
 
 def plot_accuracy_per_round(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
-    """Benign token accuracy per round, one line per method, one panel per attack."""
+    """Benign token accuracy per round of every method of the grid on one figure (a panel per
+    attack, one line per method, seed means), each method in its own style, one legend."""
     attacks = ordered(r["attack"] for r in rows)
     if not attacks:
         return None
@@ -58,11 +86,11 @@ def plot_accuracy_per_round(rows: Sequence[Mapping[str, object]], path: Path) ->
     for ax, attack in zip(axes, attacks):
         for strat in ordered((r["strategy"] for r in rows if r["attack"] == attack), STRATEGY_ORDER):
             xs, ys = _per_round(select_rows(rows, attack=attack, strategy=strat), "benign-token-acc")
-            ax.plot(xs, ys, marker="o", ms=3, label=str(strat))
+            ax.plot(xs, ys, ms=4, label=str(strat), **method_style(strat))  # type: ignore[arg-type]
         ax.set(title=str(attack), xlabel="round", ylabel="benign token accuracy")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_round_ticks(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _method_legend(fig, axes)
     return _save(plt, fig, path)
 
 
@@ -76,13 +104,30 @@ def plot_detection_per_round(rows: Sequence[Mapping[str, object]], path: Path) -
     for ax, attack in zip(axes, attacks):
         for i, strat in enumerate(ordered((r["strategy"] for r in rows if r["attack"] == attack), STRATEGY_ORDER)):
             sel = select_rows(rows, attack=attack, strategy=strat)
-            color = f"C{i}"
+            color = method_style(strat)["color"]
             ax.plot(*_per_round(sel, "tpr"), marker="o", ms=3, color=color, label=f"{strat} TPR")
             ax.plot(*_per_round(sel, "fpr"), marker="s", ms=3, ls="--", color=color, label=f"{strat} FPR")
         ax.set(title=str(attack), xlabel="round", ylim=(-0.05, 1.05))
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_round_ticks(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _method_legend(fig, axes)
+    return _save(plt, fig, path)
+
+
+def plot_score_heatmaps(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """Clients x rounds heatmap of the per-client score, one panel per flagging cell (lowest
+    seed), contaminated clients marked and the flag threshold on each colour bar."""
+    rows = [r for r in rows if r["strategy"] in FLAGGING
+            and any(isinstance(rec.get("client-scores"), Mapping) for rec in r.get("rounds") or [])]  # type: ignore[union-attr]
+    if not rows:
+        return None
+    first = seeds_of(rows)[0]
+    rows = sorted((r for r in rows if int(r["seed"]) == first),  # type: ignore[call-overload]
+                  key=lambda r: (str(r["attack"]), STRATEGY_ORDER.index(r["strategy"])))
+    plt, fig, axes = _panels(len(rows))
+    for ax, row in zip(axes, rows):
+        draw_score_heatmap(ax, row["rounds"], f"{row['strategy']}, {row['attack']} (seed {first})")  # type: ignore[arg-type]
+    fig.suptitle("per-client score: x flagged, red * contaminated, bar line: flag threshold", fontsize=9)
     return _save(plt, fig, path)
 
 

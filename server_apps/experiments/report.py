@@ -9,7 +9,7 @@ import numpy as np
 
 from clair_flower.server_apps.experiments.grid import Grid
 from clair_flower.server_apps.experiments.plots import (plot_accuracy_per_round, plot_accuracy_vs_fraction,
-                                           plot_detection_per_round, plot_gain_vs_rank)
+                                           plot_detection_per_round, plot_gain_vs_rank, plot_score_heatmaps)
 from clair_flower.server_apps.experiments.rows import CONFIG_COLUMNS, FIGURE_COLUMNS
 from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, done_rows, fraction_rows,
                                             gain_by_seed, gain_over_local, ordered, pivot, rank_rows, seed_mean,
@@ -144,7 +144,7 @@ def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
 
 
 def write_report(rows: Sequence[Mapping[str, object]], out: Path, grid: Grid) -> list[Path]:
-    """results.csv, results.md and the four plots; returns the paths written."""
+    """results.csv, results.md and the plots (those with data); returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / RESULTS_CSV, rows, CONFIG_COLUMNS + FIGURE_COLUMNS)
     write_atomic(out / RESULTS_MD, results_markdown(rows, grid))
@@ -152,6 +152,7 @@ def write_report(rows: Sequence[Mapping[str, object]], out: Path, grid: Grid) ->
     for plot, selected, name in (
             (plot_accuracy_per_round, attack_rows(rows, grid), "accuracy_per_round.png"),
             (plot_detection_per_round, attack_rows(rows, grid), "detection_per_round.png"),
+            (plot_score_heatmaps, attack_rows(rows, grid), "score_heatmap.png"),
             (plot_accuracy_vs_fraction, fraction_rows(rows, grid), "accuracy_vs_fraction.png"),
             (plot_gain_vs_rank, rank_rows(rows, grid), "gain_vs_rank.png")):
         written = plot(selected, out / name)

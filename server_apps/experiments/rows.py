@@ -24,6 +24,10 @@ FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benig
                   "total-server-seconds", "wall-seconds", "cell-wall-seconds", "cell-cpu-seconds",
                   "fallback-rounds", "all-pairs-flagged-rounds", "no-pairs-flagged-rounds", "error")
 
+#: What a row keeps of each round record: the per-round curves and the score heatmap's data.
+ROUND_KEYS = ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr", "client-scores", "thresholds",
+              "contaminated-partitions")
+
 
 def _read_json_lines(path: Path) -> list[dict]:
     if not path.exists():
@@ -83,8 +87,7 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "fallback-rounds": fallback_rounds(rounds),
         "all-pairs-flagged-rounds": vote_rounds(rounds)[0], "no-pairs-flagged-rounds": vote_rounds(rounds)[1],
         **_timing(cell_dir),
-        "rounds": [{k: r.get(k) for k in ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr")}
-                   for r in rounds],
+        "rounds": [{k: r.get(k) for k in ROUND_KEYS if k in r} for r in rounds],
     })
     return row
 
