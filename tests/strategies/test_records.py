@@ -62,3 +62,24 @@ def test_report_round_logs_one_line_and_keeps_the_detail(caplog: pytest.LogCaptu
     assert dict(record) == {"num-accepted": 2, "server-seconds": 0.25}
     assert reporter.round_details[3]["rejected-node-ids"] == [99]
     assert reporter.partition_of == {11: 0, 12: 1}
+
+
+def test_clair_round_line_names_the_rule_the_partitions_and_a_failed_round() -> None:
+    from clair_flower.strategies.clair import ClairStrategy
+    from clair_flower.strategies.clair_rolora import ClairRoLoRA
+
+    strategy = ClairStrategy(lora_alpha=8)
+    strategy.partition_of.update({11: 2, 12: 4})
+    report = ScreenReport(accepted=[Upload(n, {}, 1.0, {}) for n in (11, 12, 13)])
+    decided = {"clair-decision": "fallback", "flagged-node-ids": [12, 11], "trusted-get": "mean",
+               "server-seconds": 1.5, "clair-seconds": 1.25, "clair-note": ""}
+    assert strategy.round_line(2, report, decided) == (
+        "CLAIR round 2: decided by fallback, flagged partitions [2, 4], trusted clients get mean, "
+        "server 1.50 s (CLAIR 1.25 s)")
+    unknown = {**decided, "flagged-node-ids": [13]}
+    assert "flagged nodes [13]," in strategy.round_line(2, report, unknown)
+    failed = {"clair-fallback": 1, "clair-fallback-reason": "2 usable uploads, CLAIR needs 3",
+              "server-seconds": 0.01, "clair-note": " (B)"}
+    assert ClairRoLoRA(lora_alpha=8).round_line(5, ScreenReport(rejected={13: "NaN"}), failed) == (
+        "CLAIR-RoLoRA round 5 (B): not decided (2 usable uploads, CLAIR needs 3), round skipped, "
+        "rejected nodes [13], server 0.01 s")
