@@ -9,7 +9,7 @@ any PEFT model, any target modules and per-client ranks work unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
 
@@ -17,7 +17,7 @@ from flwr.app import Message
 from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
-from clair_flower.lora import LoraFactors, factors_from_state_dict, factors_to_state_dict
+from clair_flower.lora import factors_to_state_dict
 from clair_flower.strategies.clair_aggregator import DECISIONS, ClairAggregator, UsesClairAggregator, clair_config
 from clair_flower.strategies.personalized import PersonalizedLoraStrategy
 from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -45,9 +45,19 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
     Parameters
     ----------
     lora_alpha : float
-        PEFT ``lora_alpha`` of the clients, so that ``dW_k = (alpha / r_k) B_k A_k``.
+        PEFT ``lora_alpha`` of the global adapter and of every client that does not report its
+        own (``"lora-alpha"`` in its reply), so that ``dW_k = (alpha_k / r_k) B_k A_k``.
     use_rslora : bool
-        Clients use rsLoRA scaling ``alpha / sqrt(r_k)``.
+        rsLoRA scaling ``alpha / sqrt(r_k)``, for the global adapter and clients that do not
+        report ``"use-rslora"``.
+    global_rank : int, optional
+        Rank of the adapter returned to Flower (the Result's arrays, what a FlowerTune
+        ``evaluate_fn`` loads); ``None``: the initial arrays' rank. Each node is sent an adapter
+        at its own rank whatever this is.
+    rank_probe : bool
+        Learn a new node's rank before its first round (an empty adapter, see
+        :mod:`clair_flower.strategies.personalized`), so mixed-rank FlowerTune clients work
+        unchanged; ``False``: new nodes get the global adapter.
     config : ClairConfig, optional
         Every CLAIR setting at once; then the CLAIR keyword arguments below stay at their
         defaults (:func:`clair_flower.strategies.clair_aggregator.clair_config`).
@@ -77,7 +87,8 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         accepts any LoRA rank.
     """
 
-    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, config: ClairConfig | None = None,
+    def __init__(self, *, lora_alpha: float, use_rslora: bool = False, global_rank: int | None = None,
+                 rank_probe: bool = True, config: ClairConfig | None = None,
                  rank: int | None = None, solver: str = "fast", form: str = "constrained",
                  c: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  flagged_policy: str = "consensus", no_structure: str = "mean",
@@ -86,13 +97,12 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
                  min_train_nodes: int = 3, min_evaluate_nodes: int = 2, min_available_nodes: int = 3,
                  arrayrecord_key: str = ARRAYS_KEY, configrecord_key: str = CONFIG_KEY,
                  metricrecord_key: str = METRICS_KEY, comm_budget_mb: float | None = None) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+        super().__init__(lora_alpha=lora_alpha, use_rslora=use_rslora, global_rank=global_rank,
+                         rank_probe=rank_probe, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, max_norm_ratio=max_norm_ratio,
                          any_rank=True, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
                          metricrecord_key=metricrecord_key, comm_budget_mb=comm_budget_mb)
-        self.lora_alpha = float(lora_alpha)
-        self.use_rslora = use_rslora
         cfg = clair_config(config, rank=rank, solver=solver, form=form, c=c, pairs=pairs,
                            flag_threshold=flag_threshold, vote_threshold=vote_threshold,
                            flagged_policy=flagged_policy, no_structure=no_structure,
@@ -106,9 +116,8 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
 
     def summary(self) -> None:
         c = self.config
-        log(INFO, "\t├──> CLAIR: lora_alpha %g%s, r_hat %s, solver %s (%s form), lambda %s",
-            self.lora_alpha, " (rsLoRA)" if self.use_rslora else "", c.rank or "auto (gap)",
-            c.solver, c.form, c.c)
+        log(INFO, "\t├──> CLAIR: r_hat %s, solver %s (%s form), lambda %s",
+            c.rank or "auto (gap)", c.solver, c.form, c.c)
         log(INFO, "\t├──> Detection: pairs %s, flag threshold %s, vote > %.2f, in-subspace stage %s",
             c.pairs, c.flag_threshold, c.vote_threshold, c.in_subspace_stage)
         log(INFO, "\t├──> Flagged clients get: %s; trusted clients of a round without structure: %s",
@@ -130,10 +139,6 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         self.clair.score_z_history = state.per_client_float_lists("score-z-history")
 
     # -- detection alone -------------------------------------------------------------------
-    def as_factors(self, upload: Upload) -> Mapping[str, LoraFactors]:
-        """One upload's LoRA factors per module, with the clients' scaling."""
-        return factors_from_state_dict(upload.state, self.lora_alpha, self.use_rslora)
-
     def detect(self, replies: Iterable[Message]) -> Detection:
         """Flags and scores of the nodes in ``replies``, without aggregating anything.
 
@@ -156,7 +161,7 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         if result is not None:
             for nid, client in result.clients.items():
                 self.adapters[nid] = factors_to_state_dict(client.refined)
-            self.consensus = factors_to_state_dict(result.consensus)
+            self.consensus = self.to_global(result.consensus)  # global rank and scaling
         return metrics
 
 

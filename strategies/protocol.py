@@ -32,6 +32,7 @@ BOTH_FACTORS = "both"
 FACTOR_CHOICES = (BOTH_FACTORS, FACTOR_A, FACTOR_B)
 
 # -- MetricRecord entries a client sends ---------------------------------------------------
+# (LORA_ALPHA and USE_RSLORA may also come in a ConfigRecord of the reply.)
 NUM_EXAMPLES = "num-examples"
 """Required: the reply's aggregation weight (Flower's ``weighted_by_key`` default)."""
 TRAIN_LOSS = "train-loss"
@@ -39,6 +40,12 @@ TRAIN_SECONDS = "train-seconds"
 PARTITION_ID = "partition-id"
 """Also a node-config key (Flower's simulation injects it), as is :data:`NUM_PARTITIONS`."""
 NUM_PARTITIONS = "num-partitions"
+LORA_ALPHA = "lora-alpha"
+"""Optional: the client's PEFT ``lora_alpha`` (a positive number). A personalised strategy
+scales that client's factors with it; without it, the strategy's ``lora_alpha`` applies. The
+client's LoRA rank is never reported: it is read from its arrays' shapes, per module."""
+USE_RSLORA = "use-rslora"
+"""Optional: the client's PEFT ``use_rslora`` (``True``/``False``, or 1/0 in a MetricRecord)."""
 CONTAMINATED = "contaminated"
 """Simulation ground truth (also a node-config key in deployment); the ServerApp strips it
 from every reply before a strategy sees it."""

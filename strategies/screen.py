@@ -137,6 +137,27 @@ def decode_array(key: str, array: Array, want: tuple[int, ...] | None = None, *,
         raise UpdateRejected(f"{key}: cannot decode array: {type(err).__name__}: {err}") from None
 
 
+def declared_shapes(record: ArrayRecord, template: Template, *, any_rank: bool = False) -> dict[str, tuple[int, ...]]:
+    """Key -> shape an ArrayRecord *declares*, checked against ``template``; nothing is decoded.
+
+    For what only the shapes tell (a client's LoRA rank per module): the keys must be the
+    template's, each shape must match it (the rank may differ under ``any_rank``) and every
+    ``lora_A``/``lora_B`` pair must agree on its rank. Raises :class:`UpdateRejected`.
+    """
+    _check_keys(record.keys(), template)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, want in template.items():
+        got = tuple(int(n) for n in record[key].shape)
+        _check_shape(key, got, tuple(want), any_rank)
+        shapes[key] = got
+    for key, a in shapes.items():
+        if key.endswith(LORA_A_SUFFIX):
+            b = shapes.get(key[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX)
+            if b is not None and b[1] != a[0]:
+                raise UpdateRejected(f"{key}: rank {a[0]} but its lora_B has rank {b[1]}")
+    return shapes
+
+
 def decode_state(record: ArrayRecord, template: Template, *, any_rank: bool = False) -> dict[str, np.ndarray]:
     """Decode and check an uploaded ArrayRecord against the expected keys and shapes.
 
