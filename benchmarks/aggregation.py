@@ -167,6 +167,7 @@ def interleaved(methods: dict[str, Callable[[list[Message]], object]], replies: 
             info = fn(mine)
             out[name]["seconds"].append(time.perf_counter() - t0)
             out[name]["peak_rss_bytes"].append(_peak_rss() if reset else None)
+            print(f"    {name} {out[name]['seconds'][-1]:.3f} s", flush=True)
             if isinstance(info, dict):
                 out[name]["last"] = info
             del mine
@@ -206,6 +207,37 @@ def run_size(label: str, updates: dict, cfg: ClairConfig, reps: int) -> dict:
                                        if res["clair"]["peak_rss_bytes"][0] else None)}
 
 
+def scaling(ns: tuple[int, ...] = (10, 30, 100, 300), module_counts: tuple[int, ...] = (1, 2, 4, 8, 16),
+            shape: tuple[int, int] = (256, 256), rank: int = 4, n_for_modules: int = 30) -> dict:
+    """``run_clair`` seconds against the number of clients (one module) and of modules
+    (``n_for_modules`` clients), sampled pairs of the default degree ``2 ceil(log2 N)``, uploads
+    with a shared subspace (the first module's ``c`` is shared); per client per module too,
+    and the two parts the module reports: the reduction (Grams, step 1) and the rest."""
+    cfg = ClairConfig(pairs="sampled")
+
+    def one(n: int, mods: int) -> dict:
+        updates: dict[int, dict[str, LoraFactors]] = {k: {} for k in range(n)}
+        bad = None
+        for m in range(mods):
+            ups, _, bad = make_large_factors(n, shape, rank, shared_rank=2, seed=7 + m, contaminated=bad)
+            for k, f in ups.items():
+                updates[k][f"m{m:02d}"] = f
+        run_clair(updates, cfg) if n <= 30 else None  # warm the LAPACK workspaces once
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = run_clair(updates, cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        reduce = sum(float(r.diagnostics["reduce_seconds"]) for r in res.modules.values())
+        row = {"n_clients": n, "modules": mods, "seconds": wall, "cpu_seconds": cpu,
+               "ms_per_client_module": 1e3 * wall / (n * mods), "reduce_seconds": reduce,
+               "n_pairs": res.diagnostics["n_pairs"], "decision": res.decision}
+        print("  " + json.dumps(row))
+        return row
+
+    print(f"scaling: modules {shape[0]}x{shape[1]}, rank {rank}, sampled pairs")
+    return {"shape": list(shape), "rank": rank, "pairs": "sampled",
+            "vs_clients": [one(n, 1) for n in ns], "vs_modules": [one(n_for_modules, m) for m in module_counts]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-llm", action="store_true", help="the small sizes only (seconds)")
@@ -213,9 +245,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--round-seconds", type=float, default=DEMO_ROUND_SECONDS,
                     help="demo round wall time for small.clair_share_of_round (default: issue #21's 9 s)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only run_clair's time against N (10, 30, 100, 300) and the module count")
     args = ap.parse_args()
     t_start = time.perf_counter()
     out: dict = {"load_average_start": os.getloadavg(), "reps": args.reps}
+    if args.scaling:
+        out["scaling"] = scaling()
+        out["total_seconds"] = time.perf_counter() - t_start
+        print(json.dumps(out, default=str))
+        return
     small = run_size("small (copy task, no shared structure)", small_uploads(structured=False), ClairConfig(),
                      args.reps)
     small["clair_share_of_round"] = small["methods"]["clair"]["median"] / args.round_seconds
