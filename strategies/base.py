@@ -27,7 +27,8 @@ from flwr.supercore import log
 
 from clair_flower.strategies.communication import STATE_KEY as COMM_STATE_KEY
 from clair_flower.strategies.communication import CommunicationTracker
-from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
+from clair_flower.strategies.protocol import (ARRAYS_KEY, CONFIG_KEY, LORA_ALPHA, METRICS_KEY, NUM_EXAMPLES,
+                                             SERVER_ROUND, USE_RSLORA)
 from clair_flower.strategies.records import RoundReporting, to_metricrecord
 from clair_flower.strategies.screen import ReplyScreen, Template
 from clair_flower.strategies.state import StrategyState
@@ -173,8 +174,10 @@ class LoraStrategy(RoundReporting, Strategy):
         return [float(u.metrics[self.weighted_by_key]) for u in uploads]  # type: ignore[arg-type]
 
     def train_metric_means(self, uploads: list[Upload]) -> dict[str, float]:
-        """Weighted mean of the scalar train metrics all accepted uploads share."""
-        return weighted_metric_mean([u.metrics for u in uploads], self.upload_weights(uploads))
+        """Weighted mean of the scalar train metrics all accepted uploads share (the LoRA
+        settings clients report describe them, so a mean of them would mean nothing)."""
+        means = weighted_metric_mean([u.metrics for u in uploads], self.upload_weights(uploads))
+        return {k: v for k, v in means.items() if k not in (LORA_ALPHA, USE_RSLORA)}
 
     # -- Flower's Strategy ---------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -195,6 +195,7 @@ def test_clients_reported_alpha_and_rslora_scale_their_factors() -> None:
     assert strategy.node_alpha == {pid + 1: client.config(pid)[1] for pid in range(len(RANKS))}
     assert strategy.node_rslora == {pid + 1: pid == 3 for pid in range(len(RANKS))}
     assert all(result.train_metrics_clientapp[r]["num-rejected"] == 0 for r in range(1, ROUNDS + 1))
+    assert LORA_ALPHA not in result.train_metrics_clientapp[1]  # settings, not a metric to average
     # CLAIR reads each upload with its own client's scaling.
     state = strategy.adapters[4]
     factors = strategy.as_factors(Upload(4, state, 16.0, {}))
