@@ -28,6 +28,7 @@ from clair_flower.strategies.clair import ClairStrategy
 from clair_flower.strategies.local import LocalOnly
 from clair_flower.strategies.personalized import refactor_to_rank
 from clair_flower.strategies.protocol import LORA_ALPHA, USE_RSLORA
+from clair_flower.strategies.state import CheckpointError
 from clair_flower.strategies.uploads import Upload
 
 RANKS = [4, 8, 4, 8]  # by partition id
@@ -239,3 +240,52 @@ def test_refactor_to_rank_keeps_the_update_and_a_fresh_adapter_stays_trainable()
     assert np.linalg.norm(low.dense() - f.dense()) == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)), rel=1e-4)
     fresh = refactor_to_rank(LoraFactors(B=np.zeros((12, 4), np.float32), A=f.A, scaling=2.0), 8, 1.0)
     assert not fresh.B.any() and np.all(np.abs(fresh.A) <= 1 / np.sqrt(10)) and np.abs(fresh.A).min(axis=1).all()
+
+
+def test_bad_probe_replies_cost_only_their_sender() -> None:
+    """An error, a wrong feature size and a half adapter: those nodes keep the global rank; the rest
+    of the round goes on (the probe never raises)."""
+    good = {f"m{i}.lora_A.weight": np.zeros((8, 6), np.float32) for i in range(2)}
+    good.update({f"m{i}.lora_B.weight": np.zeros((5, 8), np.float32) for i in range(2)})
+    replies = {
+        1: dict(good),
+        2: "error",
+        3: {**good, "m0.lora_A.weight": np.zeros((8, 7), np.float32)},   # in_features 7, not 6
+        4: {k: v for k, v in good.items() if k != "m1.lora_B.weight"},  # half an adapter
+    }
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        answer = replies[context.node_id]
+        if answer == "error":
+            raise RuntimeError("size mismatch")
+        arrays = ArrayRecord({k: v for k, v in ((k, torch.from_numpy(v)) for k, v in answer.items())})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    grid = InProcessGrid(app, [{"partition-id": i} for i in range(4)], {})
+    strategy = LocalOnly()
+    initial = {f"m{i}.lora_A.weight": np.ones((4, 6), np.float32) for i in range(2)}
+    initial.update({f"m{i}.lora_B.weight": np.zeros((5, 4), np.float32) for i in range(2)})
+    strategy.begin_train(1, ArrayRecord({k: torch.from_numpy(v) for k, v in initial.items()}))
+    strategy.before_train(1, [1, 2, 3, 4], ConfigRecord(), grid)
+    assert strategy.node_ranks == {1: {"m0": 8, "m1": 8}}
+    assert strategy.adapter_for(1)["m0.lora_A.weight"].shape == (8, 6)
+    assert strategy.adapter_for(3)["m0.lora_A.weight"].shape == (4, 6)  # the global adapter
+    assert strategy.communication.bytes_up > 0  # the probe's replies are counted
+
+
+def test_reported_settings_survive_a_checkpoint() -> None:
+    strategy = ClairStrategy(lora_alpha=8.0)
+    strategy.adapters = {1: {"m.lora_A.weight": np.zeros((4, 6), np.float32),
+                             "m.lora_B.weight": np.zeros((5, 4), np.float32)}}
+    strategy.node_alpha, strategy.node_rslora = {1: 32.0, 2: 16.0}, {1: True}
+    state = strategy.export_state()
+    assert state.per_client_meta[LORA_ALPHA] == {1: 32.0}  # node 2 holds no adapter: not saved
+    fresh = ClairStrategy(lora_alpha=8.0)
+    fresh.restore_state(state)
+    assert (fresh.node_alpha, fresh.node_rslora) == ({1: 32.0}, {1: True})
+    assert fresh.node_ranks == {1: {"m": 4}}
+    state.per_client_meta[LORA_ALPHA] = {1: "big"}
+    with pytest.raises(CheckpointError, match="lora-alpha"):
+        ClairStrategy(lora_alpha=8.0).restore_state(state)
