@@ -243,8 +243,8 @@ class PersonalizedLoraStrategy(LoraStrategy):
         self.consensus = dict(consensus) if consensus is not None else None
         self.node_ranks = {n: module_ranks(template_of(a)) for n, a in self.adapters.items()}
         alphas, flags = state.per_client_meta.get(LORA_ALPHA, {}), state.per_client_meta.get(USE_RSLORA, {})
-        alpha, rslora, problems = _reported([{LORA_ALPHA: v} for v in alphas.values()]
-                                            + [{USE_RSLORA: v} for v in flags.values()])
+        problems = [p for key, by_node in ((LORA_ALPHA, alphas), (USE_RSLORA, flags))
+                    for v in by_node.values() for p in _reported([{key: v}])[2]]
         if problems:
             raise CheckpointError(f"checkpoint per-client LoRA settings: {problems[0]}")
         self.node_alpha = {int(n): float(v) for n, v in alphas.items()}  # type: ignore[arg-type]

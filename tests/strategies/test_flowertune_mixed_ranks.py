@@ -286,6 +286,6 @@ def test_reported_settings_survive_a_checkpoint() -> None:
     fresh.restore_state(state)
     assert (fresh.node_alpha, fresh.node_rslora) == ({1: 32.0}, {1: True})
     assert fresh.node_ranks == {1: {"m": 4}}
-    state.per_client_meta[LORA_ALPHA] = {1: "big"}
+    state.per_client_meta[LORA_ALPHA] = {1: 32.0, 3: "big"}
     with pytest.raises(CheckpointError, match="lora-alpha"):
         ClairStrategy(lora_alpha=8.0).restore_state(state)
