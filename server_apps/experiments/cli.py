@@ -7,10 +7,11 @@ import logging
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from clair_flower.server_apps.experiments.grid import DEFAULT_OUT, GridError, load_grid
+from clair_flower.server_apps.experiments.grid import DEFAULT_OUT, Grid, GridError, load_grid
 from clair_flower.server_apps.experiments.report import write_report
 from clair_flower.server_apps.experiments.run import clock, compare_flwr, run_grid
 from clair_flower.server_apps.experiments.tables import done_rows
@@ -19,12 +20,27 @@ from clair_flower.server_apps.run_config import ConfigError
 DESCRIPTION = "The experiment runner: a grid of federations from one TOML file, and the report."
 
 
-def quiet_flower() -> None:
-    """Keep only Flower's warnings: a grid's progress lines are the log that matters.
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
-    A filter, not ``setLevel``: Flower sets its logger's level again when its modules load.
+
+@contextmanager
+def quiet_flower(quiet: bool = True) -> Iterator[None]:
+    """Keep only Flower's warnings while the block runs: a grid's progress lines are the log
+    that matters.
+
+    A filter, not ``setLevel``: Flower sets its logger's level again when its modules load. It
+    is removed on exit, so a program (or test session) that calls :func:`main` in-process keeps
+    Flower's INFO log afterwards.
     """
-    logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
+    logger = logging.getLogger("flwr")
+    if quiet:
+        logger.addFilter(_warnings_only)
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.removeFilter(_warnings_only)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,8 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GridError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        quiet_flower()
+    with quiet_flower(not args.verbose):
+        return _run(args, grid, out)
+
+
+def _run(args: argparse.Namespace, grid: Grid, out: Path) -> int:
+    """Run the grid (or its flwr-cells on Ray) and write the report; the exit status."""
     t0 = time.time()
     if args.flwr:
         cells = [c for c in grid.cells if c.name in grid.flwr_cells]

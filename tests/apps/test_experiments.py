@@ -195,3 +195,7 @@ def test_a_clair_cell_records_client_scores_and_draws_the_heatmap(tmp_path: Path
         assert len(rec["train-metrics"]["votes"]) == 3  # the full detail stays in rounds.jsonl
     assert (out / "score_heatmap.png").stat().st_size > 0
     assert (cell / "client_scores.png").stat().st_size > 0
+    # main() quiets Flower's INFO log only while it runs: later in-process users keep theirs.
+    import logging
+
+    assert not logging.getLogger("flwr").filters
