@@ -15,7 +15,9 @@ class LocalOnly(PersonalizedLoraStrategy):
 
     The server only stores every node's adapter between rounds, so a node restarted by the
     runtime (a fresh ClientApp process each message) resumes where it stopped. The global
-    arrays stay the initial adapter. Parameters are :class:`~clair_flower.strategies.base.LoraStrategy`'s.
+    arrays stay the initial adapter (at ``global_rank`` if given). Parameters are
+    :class:`~clair_flower.strategies.personalized.PersonalizedLoraStrategy`'s (``global_rank``,
+    ``rank_probe``, ``lora_alpha``, ...) and :class:`~clair_flower.strategies.base.LoraStrategy`'s.
     """
 
     def update_adapters(self, server_round: int, uploads: list[Upload]) -> dict[str, object]:
