@@ -26,7 +26,8 @@ Prints min / median / max over the repetitions per method and size and, as the L
 JSON object: ``small.clair_over_fedavg`` (median over median), ``small.clair_share_of_round``
 (CLAIR's median over the demo's round wall time, ``--round-seconds``: 9 s, the default demo's
 round as measured in issue #21, not re-measured here), ``llm.clair_over_multikrum``,
-``llm.clair_rss_over_uploads`` and every raw time. A benchmark, not a test: nothing asserts.
+``llm.clair_rss_over_uploads`` (CLAIR's peak RSS, the Messages included, over the uploads'
+bytes; ``_net`` subtracts the RSS at start) and every raw time. A benchmark, not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -146,12 +147,18 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def _peak_rss(field: str = "VmHWM") -> int:
+    """The process's peak (``VmHWM``) or current (``VmRSS``) resident set, bytes."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+START_RSS = _peak_rss("VmRSS")
+"""Resident set before any upload exists (interpreter, numpy, torch, flwr): subtracted in the
+``net`` memory ratio, which is what matters at small sizes where it dominates."""
 
 
 def interleaved(methods: dict[str, Callable[[list[Message]], object]], replies: list[Message], reps: int
@@ -204,7 +211,10 @@ def run_size(label: str, updates: dict, cfg: ClairConfig, reps: int) -> dict:
             "clair_over_multikrum": res["clair"]["median"] / res["multikrum"]["median"],
             "clair_over_fedmedian": res["clair"]["median"] / res["fedmedian"]["median"],
             "clair_rss_over_uploads": (max(res["clair"]["peak_rss_bytes"]) / upload_bytes
-                                       if res["clair"]["peak_rss_bytes"][0] else None)}
+                                       if res["clair"]["peak_rss_bytes"][0] else None),
+            "clair_rss_over_uploads_net": ((max(res["clair"]["peak_rss_bytes"]) - START_RSS) / upload_bytes
+                                           if res["clair"]["peak_rss_bytes"][0] else None),
+            "start_rss_bytes": START_RSS}
 
 
 def scaling(ns: tuple[int, ...] = (10, 30, 100, 300), module_counts: tuple[int, ...] = (1, 2, 4, 8, 16),
