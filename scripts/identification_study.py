@@ -14,7 +14,9 @@ Issue 16, part 1 ("a measured answer"). Trains the copy task's real PEFT LoRA cl
                    server does not know who is benign), passed to CLAIR as dense arrays;
 (b) which modules go into ``run_clair``: ``all``, ``residual`` (``attn.c_proj``, ``mlp.c_proj``:
     they write into the residual stream), ``last`` (the last layer's four modules);
-(c) the natural copy task vs the planted one (``TaskConfig.planted``);
+(c) the natural copy task vs the planted one (``TaskConfig.planted``), and the planted one on the
+    seen vocabulary only (``planted-seen``: ``planted_background="seen"``, the base model copies
+    every background token, so a client's only task is its remap of ``T``);
 (d) equal ranks (all 4) vs mixed ranks (4 on even, 8 on odd partitions).
 
 Per module: the number of singular values holding 90% of the energy of the stack of
@@ -68,6 +70,7 @@ KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 RESIDUAL = ("attn.c_proj", "mlp.c_proj")
 PREFIX = "base_model.model."
 FALLBACK_REASON = "score outlier (vote inconclusive)"
+TRAIN_OVERRIDES: dict = {}  # --optimizer / --lr
 
 
 def log(msg: str) -> None:
@@ -118,7 +121,7 @@ def train_round(start: torch.nn.Module, datas: list, ranks: list[int], alpha: fl
     out = []
     for k, data in enumerate(datas):
         model = wrap_lora(copy.deepcopy(start), LoraSpec(rank=ranks[k], alpha=alpha), seed=init_seed)
-        train_local(model, data, TrainConfig(local_steps=steps, num_threads=1),
+        train_local(model, data, TrainConfig(local_steps=steps, num_threads=1, **TRAIN_OVERRIDES),
                     seed=seed * 1_000_003 + k * 1009 + round_id)
         out.append(factors_from_state_dict(get_adapter_arrays(model), alpha))
     return out
@@ -203,7 +206,8 @@ def clair_eval(inputs: list[dict], benign: list[int], bad: list[int], modules: l
 def run_cell(args, task_name: str, mixed: bool, seed: int, base: torch.nn.Module, modules: list[str]) -> dict:
     t_cell = time.perf_counter()
     n = args.clients
-    tcfg = TaskConfig(seed=seed, planted=task_name == "planted", planted_rank=args.planted_rank)
+    tcfg = TaskConfig(seed=seed, planted=task_name.startswith("planted"), planted_rank=args.planted_rank,
+                      planted_background="seen" if task_name == "planted-seen" else "all")
     acfg = AttackConfig(name=args.attack, fraction=args.fraction, seed=seed)
     bad = sorted(contaminated_partitions(n, acfg))
     benign = [k for k in range(n) if k not in bad]
@@ -361,18 +365,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=4, help="rank of every client (equal) / of even clients (mixed)")
     ap.add_argument("--rank2", type=int, default=8, help="rank of odd clients in the mixed setting")
     ap.add_argument("--rank-mix", choices=["equal", "mixed", "both"], default="both")
-    ap.add_argument("--tasks", nargs="+", choices=["natural", "planted"], default=["natural", "planted"])
+    ap.add_argument("--tasks", nargs="+", choices=["natural", "planted", "planted-seen"],
+                    default=["natural", "planted"],
+                    help="planted-seen: the planted task on the seen vocabulary only (planted_background='seen')")
     ap.add_argument("--planted-rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--oneshot-steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 warm-up round, 40 one-shot steps, equal ranks unless --rank-mix is given")
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    ap.add_argument("--lr", type=float, default=None, help="local learning rate (default: TrainConfig's)")
     ap.add_argument("--out", default="", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.warmup, args.oneshot_steps = args.seeds[:1], 1, 40
         args.rank_mix = "equal" if args.rank_mix == "both" else args.rank_mix
+    TRAIN_OVERRIDES.update({"optimizer": args.optimizer} | ({"lr": args.lr} if args.lr else {}))
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     mcfg = ModelConfig()  # the project's defaults: gpt2, 2 layers, width 128, 4 heads

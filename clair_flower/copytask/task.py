@@ -35,6 +35,8 @@ PAD, BOS, SEP = 0, 1, 2
 NUM_SPECIAL = 3
 IGNORE_INDEX = -100
 
+PLANTED_BACKGROUNDS = ("all", "seen")
+
 PoisonFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
@@ -63,6 +65,11 @@ class TaskConfig:
     planted_mass: float = 0.5
     """Probability mass of ``T`` in the shared token distribution (only when ``planted``):
     large enough that 16 training samples show every remapped token several times."""
+    planted_background: str = "all"
+    """Where the rest of the planted distribution's mass goes: ``"all"`` other content tokens
+    (clients also learn to copy the tokens the base model never saw, a shared but noisy task),
+    or ``"seen"`` only (the base model copies them already, so a client's only task is its remap
+    of ``T``: the cleanest form of the paper's model)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len:
@@ -81,6 +88,12 @@ class TaskConfig:
                 )
             if not 0.0 < self.planted_mass < 1.0:
                 raise ValueError(f"planted_mass must be in (0, 1), got {self.planted_mass}")
+            if self.planted_background not in PLANTED_BACKGROUNDS:
+                raise ValueError(f"planted_background must be one of {PLANTED_BACKGROUNDS}, "
+                                 f"got {self.planted_background!r}")
+            if self.planted_background == "seen" and self.planted_rank >= self.pretrain_vocab:
+                raise ValueError("planted_background 'seen' needs a seen token outside T: "
+                                 f"planted_rank {self.planted_rank} >= {self.pretrain_vocab} seen tokens")
 
     @property
     def total_vocab(self) -> int:
@@ -205,9 +218,12 @@ def planted_mapping(cfg: TaskConfig, partition_id: int) -> np.ndarray:
 
 def planted_probs(cfg: TaskConfig) -> np.ndarray:
     """The shared token distribution of the planted variant: ``planted_mass`` spread evenly
-    over ``T``, the rest evenly over the other content tokens."""
+    over ``T``, the rest evenly over the other content tokens (``planted_background="all"``)
+    or over the other seen tokens only (``"seen"``)."""
     tokens = planted_tokens(cfg)
-    probs = np.full(cfg.vocab_size, (1.0 - cfg.planted_mass) / (cfg.vocab_size - tokens.size))
+    support = cfg.vocab_size if cfg.planted_background == "all" else cfg.pretrain_vocab
+    probs = np.zeros(cfg.vocab_size)
+    probs[:support] = (1.0 - cfg.planted_mass) / (support - tokens.size)
     probs[tokens] = cfg.planted_mass / tokens.size
     return probs
 

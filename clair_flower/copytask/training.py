@@ -15,6 +15,7 @@ import torch
 from .task import IGNORE_INDEX, ClientData, attention_mask
 
 _TRAINABLE = ("both", "A", "B")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_threads: int | None = 1
+    optimizer: str = "adamw"
+    """``"adamw"`` or ``"sgd"`` (momentum ``momentum``). Adam rescales every coordinate, so it
+    moves the LoRA factors along directions whose gradients are tiny; SGD keeps the update in
+    the span the gradients share (docs/identification.md measures what that does to CLAIR)."""
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr <= 0 or self.local_steps < 0 or self.batch_size < 1:
+            raise ValueError(f"need lr > 0, local_steps >= 0, batch_size >= 1, got {self.lr}, "
+                             f"{self.local_steps}, {self.batch_size}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
 
 def set_trainable(model: torch.nn.Module, trainable: str = "both") -> list[torch.nn.Parameter]:
@@ -63,6 +78,13 @@ class _Threads:
         torch.set_num_threads(self.old)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser named by ``cfg.optimizer``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_local(
     model: torch.nn.Module,
     data: ClientData,
@@ -77,7 +99,7 @@ def train_local(
     """
     cfg = cfg or TrainConfig()
     params = set_trainable(model, trainable)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     n = data.num_train
     rng = np.random.default_rng([seed, 4242])
     losses = []

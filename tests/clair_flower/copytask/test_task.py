@@ -174,3 +174,23 @@ def test_planted_poison_sees_remapped_train_targets_only():
 def test_planted_config_validated(kwargs):
     with pytest.raises(ValueError):
         TaskConfig(planted=True, **kwargs)
+
+
+def test_planted_seen_background_stays_on_the_seen_vocabulary():
+    cfg = TaskConfig(planted=True, planted_rank=4, planted_background="seen")
+    probs = planted_probs(cfg)
+    assert np.isclose(probs.sum(), 1.0)
+    assert np.all(probs[cfg.pretrain_vocab:] == 0.0)
+    assert np.isclose(probs[planted_tokens(cfg)].sum(), cfg.planted_mass)
+    data = make_client_data(cfg, 3, 10)
+    content = data.train_inputs[data.train_inputs >= 3] - 3
+    assert int(content.max()) < cfg.pretrain_vocab
+    # the default background is every content token, as before
+    assert np.all(planted_probs(PLANTED)[PLANTED.pretrain_vocab:] > 0.0)
+
+
+@pytest.mark.parametrize("kw", [dict(planted_background="unseen"),
+                                dict(planted_background="seen", planted_rank=16)])
+def test_planted_background_checked(kw):
+    with pytest.raises(ValueError, match="planted_background"):
+        TaskConfig(planted=True, **kw)

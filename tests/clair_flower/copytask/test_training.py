@@ -7,7 +7,7 @@ import torch
 from clair_flower.copytask.model import LoraSpec, ModelConfig, build_model, load_base_model, wrap_lora
 from clair_flower.copytask.peft_io import get_adapter_arrays
 from clair_flower.copytask.task import IGNORE_INDEX, TaskConfig, encode, make_client_data
-from clair_flower.copytask.training import TrainConfig, evaluate, train_local
+from clair_flower.copytask.training import TrainConfig, evaluate, make_optimizer, train_local
 
 TASK = TaskConfig(vocab_size=8, min_len=2, max_len=4, num_train=8, num_test=16)
 TINY = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_positions=16)
@@ -92,3 +92,12 @@ def test_lora_finetuning_improves_held_out_accuracy():
     train_local(model, data, TrainConfig(local_steps=60), seed=0)
     after = evaluate(model, data.test_inputs, data.test_labels)
     assert after["token-acc"] > before["token-acc"] + 0.05
+
+
+def test_sgd_optimizer_trains_and_bad_settings_are_named():
+    for bad in (dict(optimizer="adam"), dict(momentum=1.0), dict(lr=0.0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert isinstance(make_optimizer([p], TrainConfig(optimizer="sgd")), torch.optim.SGD)
+    assert isinstance(make_optimizer([p], TrainConfig()), torch.optim.AdamW)
