@@ -77,3 +77,23 @@ def test_modules_on_one_thread_match_the_thread_pool():
     updates = _uploads(structured=False)
     threaded = run_clair(updates, ClairConfig(workers=2))
     _assert_same(threaded, run_clair(updates, ClairConfig(workers=1)))
+
+
+def test_modules_kept_at_the_shared_c_never_compute_the_transition(monkeypatch):
+    from clair_flower.clair import path
+
+    updates = _uploads(structured=True)
+    before = run_clair(updates, ClairConfig(workers=1))
+    calls = []
+    real = path.transition
+
+    def counted(problem, *args, **kwargs):
+        calls.append(problem.X.shape)
+        return real(problem, *args, **kwargs)
+
+    monkeypatch.setattr(path, "transition", counted)
+    after = run_clair(updates, ClairConfig(workers=1))
+    selections = [r.diagnostics["selection"] for r in after.modules.values()]
+    assert selections.count("shared") == len(SHAPES) - 1  # the path ran on the first module only
+    assert len(calls) == 1
+    _assert_same(before, after)
