@@ -112,11 +112,14 @@ def _assert_integer_round_ticks(fig) -> None:  # noqa: ANN001
 
 
 @pytest.fixture()
-def captured(monkeypatch: pytest.MonkeyPatch) -> list:
-    """The figures the grid plots save, kept open for inspection."""
+def captured(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - yields the list
+    """The figures the grid plots save, kept open for inspection (and every figure closed after)."""
+    import matplotlib.pyplot as plt
+
     figures: list = []
     monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figures.append(fig) or path)
-    return figures
+    yield figures
+    plt.close("all")
 
 
 def _rows(methods_by_attack: Mapping[str, list[str]]) -> list[dict[str, object]]:
@@ -152,7 +155,7 @@ def test_all_methods_of_a_grid_share_one_accuracy_figure_with_one_legend(capture
     assert len(colours) == len(every)  # no two methods drawn alike
 
 
-def test_score_heatmap_marks_flags_contaminated_clients_and_the_threshold() -> None:
+def test_score_heatmap_marks_flags_contaminated_clients_and_the_threshold(captured: list) -> None:
     rounds = _round_records(3, 6)
     clients, nums, values, flags, bad, threshold = score_matrix(rounds)
     assert clients == [str(p) for p in range(6)] and nums == [1, 2, 3] and threshold == 3.5
