@@ -81,7 +81,7 @@ def test_module_entry_point_runs_the_cli() -> None:
 from collections.abc import Mapping  # noqa: E402
 
 from clair_flower.server_apps.experiments import plots  # noqa: E402
-from clair_flower.server_apps.results import (RunWriter, draw_score_heatmap, round_figure,  # noqa: E402
+from clair_flower.server_apps.results import (RunWriter, round_figure,  # noqa: E402
                                               score_heatmap_figure, score_matrix)
 
 CONTAMINATED = (2, 4)
