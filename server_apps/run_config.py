@@ -18,8 +18,8 @@ from clair_flower.clair.config import NO_STRUCTURE_POLICIES, ClairConfig
 from clair_flower.clair.refinement import POLICIES
 from clair_flower.copytask.attacks import ATTACKS, AttackConfig
 from clair_flower.copytask.model import LoraSpec, ModelConfig
-from clair_flower.copytask.task import TaskConfig
-from clair_flower.copytask.training import TrainConfig
+from clair_flower.copytask.task import PLANTED_BACKGROUNDS, TaskConfig
+from clair_flower.copytask.training import OPTIMIZERS, TrainConfig
 
 # Defaults live once, in the core's dataclasses; pyproject's [tool.flwr.app.config] repeats
 # them for `flwr run`, and tests/apps/test_run_config.py checks that the two agree.
@@ -59,6 +59,7 @@ class RunConfig:
     planted: bool = _TASK.planted
     planted_rank: int = _TASK.planted_rank
     planted_mass: float = _TASK.planted_mass
+    planted_background: str = _TASK.planted_background
     # model
     model_arch: str = _MODEL.arch
     model_layers: int = _MODEL.n_layer
@@ -73,6 +74,7 @@ class RunConfig:
     local_steps: int = _TRAIN.local_steps
     learning_rate: float = _TRAIN.lr
     batch_size: int = _TRAIN.batch_size
+    optimizer: str = _TRAIN.optimizer
     # contamination
     attack: str = _ATTACK.name
     attack_fraction: float = _ATTACK.fraction
@@ -97,6 +99,8 @@ class RunConfig:
         _one_of("clair-policy", self.clair_policy, POLICIES)
         _one_of("clair-no-structure", self.clair_no_structure, NO_STRUCTURE_POLICIES)
         _one_of("attack", self.attack, ATTACKS)
+        _one_of("planted-background", self.planted_background, PLANTED_BACKGROUNDS)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
         for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
                     "model-layers", "model-width", "model-heads", "lora-rank", "local-steps",
                     "batch-size", "attack-start-round", "min-nodes"):
@@ -202,7 +206,8 @@ def task_config(cfg: RunConfig) -> TaskConfig:
     return TaskConfig(vocab_size=cfg.vocab_size, min_len=cfg.min_len, max_len=cfg.max_len,
                       num_train=cfg.num_train, num_test=cfg.num_test,
                       dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed, planted=cfg.planted,
-                      planted_rank=cfg.planted_rank, planted_mass=cfg.planted_mass)
+                      planted_rank=cfg.planted_rank, planted_mass=cfg.planted_mass,
+                      planted_background=cfg.planted_background)
 
 
 def base_task_config(cfg: RunConfig) -> TaskConfig:
@@ -222,7 +227,8 @@ def lora_spec(cfg: RunConfig) -> LoraSpec:
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
-    return TrainConfig(local_steps=cfg.local_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size)
+    return TrainConfig(local_steps=cfg.local_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size,
+                       optimizer=cfg.optimizer)
 
 
 def attack_config(cfg: RunConfig) -> AttackConfig:

@@ -27,6 +27,16 @@ class ClairConfig:
     flag_threshold: float = 0.25
     """Pair flagged when ``||S_kl||_F > flag_threshold * median block norm``: client-specific
     off-subspace error below a quarter of a typical difference is treated as noise."""
+    noise_factor: float = 1.5
+    """Pairs are flagged above ``max(flag_threshold, noise_factor * noise)``, ``noise`` the benign
+    pairs' own evidence level at that point (:mod:`clair_flower.clair.calibration`); 0 keeps the
+    fixed threshold. On the copy task's SGD clients benign pairs keep 20-40% in ``S`` at the
+    planted rank; contaminated pairs 1.5-3x that (docs/identification.md)."""
+    max_noise: float = 0.25
+    """A path point is admissible only when that ``noise`` is at most this (the fixed threshold's
+    level): ``L`` must explain most of a benign difference. Without it an under-fitted ``L``
+    (rank 1 of a planted 3, its shrinkage leaving 30% of every benign pair in ``S``) passed as
+    the lowest-rank admissible point."""
     vote_threshold: float = 0.5
     flagged_policy: str = "consensus"
     no_structure: str = "mean"
@@ -83,6 +93,8 @@ class ClairConfig:
             raise ValueError(f"rank must be None or >= 1, got {self.rank}")
         if not 0.0 < self.structure_ratio <= 1.0:
             raise ValueError(f"structure_ratio must be in (0, 1], got {self.structure_ratio}")
+        if self.noise_factor < 0 or self.max_noise <= 0:
+            raise ValueError(f"need noise_factor >= 0 and max_noise > 0, got {self.noise_factor}, {self.max_noise}")
         if self.z_memory < 1:
             raise ValueError(f"z_memory must be >= 1, got {self.z_memory}")
         if self.workers is not None and self.workers < 1:

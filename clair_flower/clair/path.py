@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clair_flower.clair import detection
+from clair_flower.clair.calibration import calibrated_vote
 from clair_flower.clair.config import ClairConfig
 from clair_flower.clair.decomposition import BlockProblem, block_norms, lam_from_c
 from clair_flower.clair.solvers import SolveResult, solve
@@ -115,6 +116,10 @@ class PathPoint:
     status: str
     iterations: int
     admissible: bool
+    noise: float = 0.0
+    """The benign pairs' evidence level at this point (:mod:`clair_flower.clair.calibration`)."""
+    threshold: float = 0.0
+    """The pair threshold it gave."""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -158,7 +163,8 @@ def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c:
            informative: np.ndarray) -> PathPoint:
     """Judge one solved point: effective rank of ``L``, flagged clients, consistency."""
     ev = detection.pair_evidence(res.S_norms, problem.block_norms)
-    v = detection.majority_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.vote_threshold)
+    v, th = calibrated_vote(problem.pairs, n, ev, informative, cfg.flag_threshold, cfg.noise_factor,
+                            cfg.vote_threshold)
     cons = detection.consistency(problem.pairs, v.pair_flags, v.flagged, informative)
     nflag = int(v.flagged.sum())
     rank = effective_rank(res.L_sv, cfg.rank_rtol)
@@ -166,7 +172,9 @@ def assess(res: SolveResult, problem: BlockProblem, cfg: ClairConfig, n: int, c:
     return PathPoint(c=c, lam=lam_from_c(c, len(problem.pairs)), effective_rank=rank,
                      energy_rank=energy_rank(res.L_sv), structured=structured, n_flagged=nflag, consistency=cons,
                      status=res.status, iterations=res.iterations,
-                     admissible=cons >= 1 - cfg.consistency_tol and 2 * nflag < n and structured)
+                     admissible=(cons >= 1 - cfg.consistency_tol and 2 * nflag < n and structured
+                                 and th.noise <= cfg.max_noise),
+                     noise=th.noise, threshold=th.threshold)
 
 
 def penalty_weight(problem: BlockProblem, cfg: ClairConfig) -> float | None:

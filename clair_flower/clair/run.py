@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from clair_flower.clair import detection
+from clair_flower.clair.calibration import calibrated_vote
 from clair_flower.clair.config import ClairConfig
 from clair_flower.clair.decomposition import ClientFactors, make_pairs
 from clair_flower.clair.fit import Factors, ModuleFit, client_factors, decompose_modules, set_subspaces
@@ -80,13 +81,19 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
     pairs = make_pairs(n, cfg.pairs, cfg.pair_degree, cfg.seed)
     fits = decompose_modules(fac, modules, active, pairs, cfg, n)
     informative = np.logical_or.reduce([fits[m].informative for m in modules])
-    combined = detection.combine_modules([fits[m].evidence for m in modules])
-    votes = detection.majority_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.vote_threshold)
+    structured = [m for m in modules if fits[m].admissible]
+    # The vote reads the modules that show the model's structure (their S is off-subspace
+    # evidence); a round without any reads every module's fallback point for its score.
+    combined = detection.combine_modules([fits[m].evidence for m in structured or modules])
+    votes, th = calibrated_vote(pairs, n, combined, informative, cfg.flag_threshold, cfg.noise_factor,
+                                cfg.vote_threshold)
+    if structured:  # a client is flagged by any module whose decomposition certifies its vote
+        votes.flagged = np.logical_or.reduce([_module_vote(fits[m], pairs, n, cfg) for m in structured])
     flagged = votes.flagged.copy()
     distance = detection.client_scores(pairs, n, detection.combine_modules([fits[m].distance for m in modules]),
                                        informative)
     score_z = detection.robust_z(votes.score)
-    structure = any(fits[m].admissible for m in modules)
+    structure = bool(structured)
     inconclusive = 2 * int(flagged.sum()) >= n
     if inconclusive or not structure:
         # No module shows the model's structure, or a flagged majority contradicts it
@@ -129,6 +136,7 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
             "rank": {m: reports[m].rank for m in modules},
             "excluded_zero": [str(c) for c in zero], "in_subspace_stage": cfg.in_subspace_stage,
             "vote_inconclusive": bool(inconclusive), "structure": bool(structure), "decision": decision,
+            "structured_modules": len(structured), "pair_noise": th.noise, "pair_threshold": th.threshold,
             "trusted_get": "refined" if not no_structure_round else cfg.no_structure}
     return ClairResult(frozenset(c for c in cids if c not in flagged_ids), flagged_ids, clients, consensus,
                        reports, diag, decision=decision)
@@ -169,6 +177,18 @@ def _refine(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], cids: 
         for c in zero:  # excluded clients get the policy as well
             refined[c][m], errors[c][m] = zeros[c]
     return refined, errors, consensus
+
+
+def _module_vote(fit: ModuleFit, pairs: Sequence, n: int, cfg: ClairConfig) -> np.ndarray:
+    """The vote of one module at its chosen point, with that point's calibrated threshold: the
+    flags its admissibility certified (consistent pattern, flagged minority, low rank, low noise).
+
+    Modules are not averaged: on the copy task's SGD clients only the modules nearest the output
+    flagged the contaminated clients; the others' ``L`` absorbed them, and their near-zero
+    evidence diluted the joint norm below the threshold (docs/identification.md).
+    """
+    return calibrated_vote(pairs, n, fit.evidence, fit.informative, cfg.flag_threshold, cfg.noise_factor,
+                           cfg.vote_threshold)[0].flagged
 
 
 def _reason(i: int, votes: detection.Votes, flagged: np.ndarray, decided: bool) -> str:
