@@ -71,6 +71,7 @@ RESIDUAL = ("attn.c_proj", "mlp.c_proj")
 PREFIX = "base_model.model."
 FALLBACK_REASON = "score outlier (vote inconclusive)"
 TRAIN_OVERRIDES: dict = {}  # --optimizer / --lr
+CLAIR_OVERRIDES: dict = {}  # --clair KEY=VALUE
 
 
 def log(msg: str) -> None:
@@ -174,7 +175,7 @@ def module_stats(dense: list[dict[str, np.ndarray]], benign: list[int], bad: lis
 
 
 def clair_eval(inputs: list[dict], benign: list[int], bad: list[int], modules: list[str]) -> tuple[dict, object]:
-    cfg = dataclasses.replace(ClairConfig(), workers=1)
+    cfg = dataclasses.replace(ClairConfig(), workers=1, **CLAIR_OVERRIDES)
     upd = {k: {m: inputs[k][m] for m in modules} for k in range(len(inputs))}
     t0 = time.perf_counter()
     res = run_clair(upd, cfg)
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--oneshot-steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 warm-up round, 40 one-shot steps, equal ranks unless --rank-mix is given")
+    ap.add_argument("--clair", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="ClairConfig fields to override, e.g. rank=4 no_structure=own")
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     ap.add_argument("--lr", type=float, default=None, help="local learning rate (default: TrainConfig's)")
     ap.add_argument("--out", default="", help="also write the JSON object to this file")
@@ -381,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seeds, args.warmup, args.oneshot_steps = args.seeds[:1], 1, 40
         args.rank_mix = "equal" if args.rank_mix == "both" else args.rank_mix
+    for item in args.clair:
+        key, _, value = item.partition("=")
+        CLAIR_OVERRIDES[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     TRAIN_OVERRIDES.update({"optimizer": args.optimizer} | ({"lr": args.lr} if args.lr else {}))
     torch.set_num_threads(1)
     t0 = time.perf_counter()
