@@ -54,8 +54,10 @@ def _clair_config(cfg: RunConfig, plus: bool = False) -> ClairConfig:
 def _clair(cfg: RunConfig, num_nodes: int, plus: bool = False) -> Strategy:
     from clair_flower.strategies.clair import ClairStrategy  # imports cvxpy: only when CLAIR is asked for
 
+    # rank_probe off: every copy-task client trains at the run config's lora-rank, and this
+    # project's ClientApp refuses the probe's empty adapter (one wasted message per node).
     return ClairStrategy(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=_clair_config(cfg, plus),
-                         max_norm_ratio=cfg.max_norm_ratio, **_sampling(cfg, at_least=3))
+                         max_norm_ratio=cfg.max_norm_ratio, rank_probe=False, **_sampling(cfg, at_least=3))
 
 
 def _krum_family(cfg: RunConfig, num_nodes: int, name: str) -> Strategy:
@@ -97,7 +99,7 @@ def _factorwise(cfg: RunConfig, name: str) -> Strategy:
 BUILDERS: dict[str, Callable[[RunConfig, int], Strategy]] = {
     "fedavg": lambda c, n: _screened(FedAvg(**_sampling(c)), c),
     "oracle": lambda c, n: _screened(FedAvg(**_sampling(c)), c),
-    "local": lambda c, n: LocalOnly(max_norm_ratio=c.max_norm_ratio, **_sampling(c)),
+    "local": lambda c, n: LocalOnly(max_norm_ratio=c.max_norm_ratio, rank_probe=False, **_sampling(c)),
     "clair": _clair,
     "clair-plus": lambda c, n: _clair(c, n, plus=True),
     "krum": lambda c, n: _krum_family(c, n, "krum"),
