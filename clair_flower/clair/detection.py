@@ -4,8 +4,10 @@
   median block norm of the normalised stack, robust to the contaminated minority).
 * Multi-module rule: a **joint group norm** over modules, ``e_kl = sqrt(mean_m e_kl(m)^2)``, i.e.
   the Frobenius norm of the pair's ``S`` over all modules after each module is put on its own
-  block scale, divided by ``sqrt(#modules)``. A pair is flagged when ``e_kl > flag_threshold``.
-  Averaging dilutes an attack confined to a few modules of many: documented limitation.
+  block scale, divided by ``sqrt(#modules)``: the reported score. The round's flags are the union
+  of the votes of the modules whose chosen point is admissible (``run.py``), each pair judged
+  against the noise-calibrated threshold of :mod:`clair_flower.clair.calibration`; the joint norm
+  diluted the few modules that separate the contaminated clients.
 * Distance score: the same mean, with ``||M_kl||`` (the raw difference) in place of ``||S_kl||``:
   a client's mean distance to the others on each module's block scale. It needs no structure,
   so it is what a round without structure flags on (robust outliers of it).
