@@ -19,12 +19,22 @@ from clair_flower.clair import detection
 from clair_flower.clair.config import ClairConfig
 from clair_flower.clair.decomposition import BlockProblem, ClientFactors, Pair, dense_problem, reduced_problem
 from clair_flower.clair.inputs import ClairInputError
-from clair_flower.clair.path import PathChoice, solve_path
+from clair_flower.clair.path import PathChoice, solve_path, solve_paths
 from clair_flower.clair.solvers import SolveResult
+from clair_flower.clair.solvers.fast import DENSE_SVD_MAX
 from clair_flower.clair.threads import map_all
 
 Factors = dict[str, dict]
 """Validated uploads, ``[module][client]`` to :class:`~clair_flower.lora.LoraFactors`."""
+
+LOCKSTEP = True
+"""Small rounds solve every module's path in lockstep (:func:`~clair_flower.clair.path.solve_paths`),
+the same solves batched into one ADMM per layout (issue #21), instead of one module per thread;
+``False`` keeps the threaded path. Both give the same iterates, flags and adapters (tested)."""
+
+LOCKSTEP_MAX_ENTRIES = 1 << 22
+"""Lockstep builds every module's reduced stack before solving; it is used only when each is at
+most this many entries (16 MB in float32) and small enough for the exact Gram SVT."""
 
 
 @dataclass
@@ -91,13 +101,10 @@ def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Seq
 
     The first module runs its path alone, on every worker; with an admissible pick it is then
     polished at that ``c`` (from its path point) while every other module is solved at it, on
-    the same pool.
+    the same pool. Small rounds do the same in lockstep (:data:`LOCKSTEP`).
     """
-    def checked(fn: Callable, m: str):
-        try:
-            return fn()
-        except ValueError as e:  # e.g. every active client uploaded the same update
-            raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
+    if _lockstep(fac, modules, active, pairs, cfg):
+        return _decompose_lockstep(fac, modules, active, pairs, cfg, n)
 
     def one(m: str, c_shared: float | None = None, pre: tuple | None = None,
             first_path: PathChoice | None = None, solved: tuple | None = None,
@@ -106,21 +113,17 @@ def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Seq
             problem, t_red = pre if pre is not None else build_problem(client_factors(fac, m, active), pairs, cfg)
             t0 = time.perf_counter()
             res, choice = solved if solved is not None else solve_path(problem, cfg, n, c_shared, warm=warm)
-            if first_path is not None and choice.selection == "shared":
-                # the first module at its own pick: its path stays the reported selection
-                choice = PathChoice(first_path.c, first_path.lam, first_path.mu, first_path.selection,
-                                    first_path.path, first_path.iterations_total + choice.iterations_total,
-                                    admissible=first_path.admissible)
             path_seconds = first_path.seconds if first_path is not None else choice.seconds
-            return fit_module(problem, t_red, res, choice, path_seconds + time.perf_counter() - t0, cfg.form)
-        return checked(run, m)
+            return fit_module(problem, t_red, res, _as_first(choice, first_path),
+                              path_seconds + time.perf_counter() - t0, cfg.form)
+        return _checked(run, m, active)
 
     workers = cfg.workers or os.cpu_count() or 1
     m0 = modules[0]
     share = cfg.share_c and cfg.c == "auto"
-    pre0 = checked(lambda: build_problem(client_factors(fac, m0, active), pairs, cfg), m0)
+    pre0 = _checked(lambda: build_problem(client_factors(fac, m0, active), pairs, cfg), m0, active)
     t0 = time.perf_counter()
-    res0, path0 = checked(lambda: solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0)
+    res0, path0 = _checked(lambda: solve_path(pre0[0], cfg, n, workers=workers, defer_admissible=share), m0, active)
     path0.seconds = time.perf_counter() - t0
     if path0.deferred:  # an admissible c: every module, the first included, is solved at it
         c = path0.c
@@ -130,6 +133,69 @@ def decompose_modules(fac: Factors, modules: list[str], active: list, pairs: Seq
     first = one(m0, pre=pre0, solved=(res0, path0))  # no admissible pick (or no sharing): the rest run their own
     rest = map_all(lambda m: one(m), modules[1:], cfg.workers)
     return dict(zip(modules, [first, *rest]))
+
+
+def _checked(fn: Callable, m: str, active: list):
+    """``fn()``, a ``ValueError`` re-raised as :class:`ClairInputError` naming the module(s)."""
+    try:
+        return fn()
+    except ValueError as e:  # e.g. every active client uploaded the same update
+        raise ClairInputError(f"module {m!r}: {e} (clients: {active!r})") from e
+
+
+def _as_first(choice: PathChoice, first_path: PathChoice | None) -> PathChoice:
+    """The first module at its own pick keeps its path as the reported selection."""
+    if first_path is None or choice.selection != "shared":
+        return choice
+    return PathChoice(first_path.c, first_path.lam, first_path.mu, first_path.selection, first_path.path,
+                      first_path.iterations_total + choice.iterations_total, admissible=first_path.admissible)
+
+
+def _lockstep(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair], cfg: ClairConfig) -> bool:
+    """:data:`LOCKSTEP` applies: fast constrained solver, and every module's reduced stack (its
+    size bounded from the ranks: ``sum r_k`` rows, ``r_k + r_l`` columns per pair) small."""
+    if not LOCKSTEP or cfg.solver != "fast" or cfg.form != "constrained" or len(modules) < 2:
+        return False
+    for m in modules:
+        ranks = [fac[m][c].rank for c in active]
+        rows = min(fac[m][active[0]].out_features, sum(ranks))
+        cols = sum(ranks[k] + ranks[l] for k, l in pairs)
+        if rows > DENSE_SVD_MAX or rows * cols > LOCKSTEP_MAX_ENTRIES:
+            return False
+    return True
+
+
+def _decompose_lockstep(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair],
+                        cfg: ClairConfig, n: int) -> dict[str, ModuleFit]:
+    """:func:`decompose_modules` with every stack built first and the paths solved in lockstep:
+    the first module's path (its batch's points side by side), then every module at its ``c``
+    or, without an admissible pick, the other modules' paths together. The seconds a module
+    reports are its share of the lockstep's."""
+    label = ",".join(modules)
+    built = {m: _checked(lambda m=m: build_problem(client_factors(fac, m, active), pairs, cfg), m, active)
+             for m in modules}
+    m0 = modules[0]
+    share = cfg.share_c and cfg.c == "auto"
+    t0 = time.perf_counter()
+    res0, path0 = _checked(lambda: solve_paths([built[m0][0]], cfg, n, defer_admissible=share)[0], m0, active)
+    path0.seconds = time.perf_counter() - t0
+    if path0.deferred:  # an admissible c: every module, the first included, is solved at it
+        todo, first = modules, None
+        warms = [res0 if m == m0 else None for m in modules]
+        c_shared = path0.c
+    else:  # no admissible pick (or no sharing): the rest run their own paths
+        todo, first = modules[1:], fit_module(*built[m0], res0, path0, path0.seconds, cfg.form)
+        warms, c_shared = None, None
+    t1 = time.perf_counter()
+    solved = _checked(lambda: solve_paths([built[m][0] for m in todo], cfg, n, c_shared, warms=warms),
+                      label, active) if todo else []
+    share_s = (time.perf_counter() - t1) / max(len(todo), 1)
+    fits = {} if first is None else {m0: first}
+    for m, (res, choice) in zip(todo, solved):
+        lead = path0 if m == m0 else None
+        fits[m] = fit_module(*built[m], res, _as_first(choice, lead),
+                             (path0.seconds if lead is not None else 0.0) + share_s, cfg.form)
+    return {m: fits[m] for m in modules}
 
 
 def gap_rank(sv: np.ndarray) -> int:

@@ -21,6 +21,7 @@ used (``selection = "fallback"``). A fixed ``ClairConfig.c`` is solved alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ from clair_flower.clair.calibration import calibrated_vote
 from clair_flower.clair.config import ClairConfig
 from clair_flower.clair.decomposition import BlockProblem, block_norms, lam_from_c
 from clair_flower.clair.solvers import SolveResult, solve
+from clair_flower.clair.solvers.batched import Request, solve_many
 from clair_flower.clair.solvers.fast import spectral_norm
 from clair_flower.clair.threads import map_lazy
 
@@ -195,13 +197,63 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
     threads. With ``defer_admissible``, an admissible pick is returned at the path's tolerance
     with ``deferred=True``: the caller polishes it to full accuracy beside the other modules.
     """
+    def run(req: Request) -> SolveResult:
+        return solve(problem, req.lam, cfg.form, cfg.solver, mu=req.mu, tol=req.tol, max_iter=cfg.max_iter,
+                     warm=req.warm)
+
+    steps = path_steps(problem, cfg, n, c_shared, defer_admissible, warm)
+    reqs = next(steps)
+    while True:
+        try:  # lazily on one worker: the path may stop before a batch's second point is solved
+            reqs = steps.send(map_lazy(run, reqs, workers))
+        except StopIteration as stop:
+            return stop.value
+
+
+def solve_paths(problems: Sequence[BlockProblem], cfg: ClairConfig, n: int, c_shared: float | None = None,
+                defer_admissible: bool = False, warms: Sequence[SolveResult | None] | None = None
+                ) -> list[tuple[SolveResult, PathChoice]]:
+    """:func:`solve_path` for several modules in lockstep: at each step every module's next
+    solves are handed to :func:`~clair_flower.clair.solvers.batched.solve_many` together, so the
+    problems of one layout share each ADMM iteration's calls (issue #21: a small round's cost
+    is per-call overhead). Each module's path, its choice and every solve are those of
+    :func:`solve_path` on its own; only a batch's second point may be solved where the serial
+    path stopped after the first (its result is not read)."""
+    warms = list(warms) if warms is not None else [None] * len(problems)
+    steps = [path_steps(p, cfg, n, c_shared, defer_admissible, w) for p, w in zip(problems, warms)]
+    out: list = [None] * len(problems)
+    pending = {i: next(s) for i, s in enumerate(steps)}
+    while pending:
+        flat = [(i, r) for i, reqs in pending.items() for r in reqs]
+        results = solve_many([problems[i] for i, _ in flat], [r for _, r in flat], cfg.form, cfg.solver,
+                             cfg.max_iter)
+        mine: dict[int, list[SolveResult]] = {i: [] for i in pending}
+        for (i, _), res in zip(flat, results):
+            mine[i].append(res)
+        nxt = {}
+        for i in pending:
+            try:
+                nxt[i] = steps[i].send(iter(mine[i]))
+            except StopIteration as stop:
+                out[i] = stop.value
+        pending = nxt
+    return out
+
+
+def path_steps(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float | None,
+               defer_admissible: bool, warm: SolveResult | None
+               ) -> Generator[list[Request], Iterator[SolveResult], tuple[SolveResult, PathChoice]]:
+    """The path of :func:`solve_path` as a coroutine: it yields the solves it needs next (a list
+    of :class:`~clair_flower.clair.solvers.batched.Request`), is sent an iterator over their
+    results (read in order, as far as it needs), and returns ``(result, PathChoice)``; the
+    driver decides how the solves run (:func:`solve_path`: threads; :func:`solve_paths`:
+    batched across modules)."""
     pairs = problem.pairs
     mu = penalty_weight(problem, cfg)
     informative = detection.informative_pairs(problem.block_norms)
     spent = 0
     if c_shared is not None and cfg.c == "auto":
-        res = solve(problem, lam_from_c(c_shared, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
-                    max_iter=cfg.max_iter, warm=warm)
+        res = next((yield [Request(lam_from_c(c_shared, len(pairs)), cfg.tol, warm, mu)]))
         point = assess(res, problem, cfg, n, c_shared, informative)
         if point.admissible:
             return res, PathChoice(c_shared, point.lam, mu, "shared", [point], res.iterations)
@@ -215,12 +267,10 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
     path_tol = cfg.tol if len(cs) == 1 or cfg.solver == "reference" else max(cfg.tol, PATH_TOL)
     batch = PATH_BATCH if cfg.solver == "fast" else 1
     for b0 in range(0, len(cs), batch):
-        def point(c: float, warm: SolveResult | None = last) -> SolveResult:
-            return solve(problem, lam_from_c(c, len(pairs)), cfg.form, cfg.solver, mu=mu, tol=path_tol,
-                         max_iter=cfg.max_iter, warm=warm)
-
+        # every point of a batch warm-starts from the last point of the batch before
+        reqs = [Request(lam_from_c(c, len(pairs)), path_tol, last, mu) for c in cs[b0 : b0 + batch]]
         done = False
-        for c, res in zip(cs[b0 : b0 + batch], map_lazy(point, cs[b0 : b0 + batch], workers)):
+        for c, res in zip(cs[b0 : b0 + batch], (yield reqs)):
             last = res if cfg.solver == "fast" else None
             path.append(assess(res, problem, cfg, n, c, informative))
             results.append(res)
@@ -236,8 +286,7 @@ def solve_path(problem: BlockProblem, cfg: ClairConfig, n: int, c_shared: float 
         return results[pick], PathChoice(path[pick].c, path[pick].lam, mu, how, path, total, deferred=True)
     res = results[pick]
     if path_tol > cfg.tol:  # polish the chosen point to full accuracy (warm start)
-        res = solve(problem, path[pick].lam, cfg.form, cfg.solver, mu=mu, tol=cfg.tol,
-                    max_iter=cfg.max_iter, warm=res)
+        res = next((yield [Request(path[pick].lam, cfg.tol, res, mu)]))
         path[pick].iterations += res.iterations
         total += res.iterations
     return res, PathChoice(path[pick].c, path[pick].lam, mu, how, path, total, admissible=path[pick].admissible)

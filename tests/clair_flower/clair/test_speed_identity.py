@@ -97,3 +97,66 @@ def test_modules_kept_at_the_shared_c_never_compute_the_transition(monkeypatch):
     assert selections.count("shared") == len(SHAPES) - 1  # the path ran on the first module only
     assert len(calls) == 1
     _assert_same(before, after)
+
+
+def _bitwise(a, b) -> bool:
+    """Same flags, decision, chosen ``c`` and bit-identical refined factors."""
+    same_c = {m: r.diagnostics["c"] for m, r in a.modules.items()} == {m: r.diagnostics["c"] for m, r in b.modules.items()}
+    return (a.flagged == b.flagged and a.decision == b.decision and same_c
+            and all(np.array_equal(f.B, b.clients[c].refined[m].B) and np.array_equal(f.A, b.clients[c].refined[m].A)
+                    for c, rep in a.clients.items() for m, f in rep.refined.items()))
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("no_structure", ["mean", "refine"])
+def test_lockstep_modules_match_the_threaded_path_bitwise(monkeypatch, structured, no_structure):
+    from clair_flower.clair import fit
+
+    updates = _uploads(structured)
+    cfg = ClairConfig(workers=2, no_structure=no_structure)
+    monkeypatch.setattr(fit, "LOCKSTEP", False)
+    threaded = run_clair(updates, cfg)
+    monkeypatch.setattr(fit, "LOCKSTEP", True)
+    lockstep = run_clair(updates, cfg)
+    assert _bitwise(threaded, lockstep)
+    for m, r in threaded.modules.items():  # every module's path, point by point
+        other = lockstep.modules[m].diagnostics
+        assert r.diagnostics["path"] == other["path"] and r.diagnostics["selection"] == other["selection"]
+        assert r.diagnostics["iterations_total"] == other["iterations_total"]
+        assert np.array_equal(r.U, lockstep.modules[m].U)
+
+
+def _problems(structured: bool):
+    from clair_flower.clair.decomposition import make_pairs
+    from clair_flower.clair.fit import build_problem, client_factors
+    from clair_flower.clair.inputs import validate_updates
+
+    cids, modules, fac = validate_updates(_uploads(structured))
+    pairs = make_pairs(len(cids))
+    return [build_problem(client_factors(fac, m, cids), pairs, ClairConfig())[0] for m in modules]
+
+
+def _same_solve(a, b) -> bool:
+    arrays = ("L_left", "L_right", "L_sv", "S", "S_norms")
+    return (a.iterations == b.iterations and a.status == b.status and a.objective == b.objective
+            and all(np.array_equal(getattr(a, k), getattr(b, k)) for k in arrays)
+            and a.state["mu"] == b.state["mu"] and all(np.array_equal(a.state[k], b.state[k]) for k in "Tas"))
+
+
+@pytest.mark.parametrize("max_iter", [3, 3000])
+def test_batched_admm_is_the_single_solver_bitwise(max_iter):
+    from clair_flower.clair.decomposition import lam_from_c
+    from clair_flower.clair.solvers import solve
+    from clair_flower.clair.solvers.batched import Request, solve_many
+
+    problems = _problems(structured=True) + _problems(structured=False)  # two layouts
+    lams = [lam_from_c(c, len(problems[0].pairs)) for c in (0.7, 1.5)]
+    cold = [Request(lam, 1e-4) for _ in problems for lam in lams]
+    ps = [p for p in problems for _ in lams]
+    single = [solve(p, r.lam, tol=r.tol, max_iter=max_iter) for p, r in zip(ps, cold)]
+    batched = solve_many(ps, cold, "constrained", "fast", max_iter)
+    assert all(_same_solve(a, b) for a, b in zip(single, batched))
+    warm = [Request(r.lam * 1.2, 1e-8, w) for r, w in zip(cold, single)]  # warm starts, full tolerance
+    single = [solve(p, r.lam, tol=r.tol, max_iter=max_iter, warm=r.warm) for p, r in zip(ps, warm)]
+    batched = solve_many(ps, warm, "constrained", "fast", max_iter)
+    assert all(_same_solve(a, b) for a, b in zip(single, batched))
