@@ -30,7 +30,7 @@ from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_cli
 from clair_flower.copytask.training import evaluate, train_local
 from clair_flower.strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES, METRICS_KEY,
                                  NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, TRAIN_FACTORS,
-                                 TRAIN_LOSS, TRAIN_SECONDS, UPLOAD_FACTORS)
+                                 TRAIN_LOSS, TRAIN_SECONDS, TRAIN_TOKEN_ACC, TRAIN_TOKEN_ACC_Q3, UPLOAD_FACTORS)
 from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
 
 GROUND_TRUTH_KEY = CONTAMINATED
@@ -185,7 +185,8 @@ def train(msg: Message, context: Context) -> Message:
                                       num_clients=n,
                                       num_malicious=len(attacks.contaminated_partitions(n, acfg)))
     metrics = {NUM_EXAMPLES: int(stats["num-examples"]), TRAIN_LOSS: stats["train-loss"],
-               TRAIN_SECONDS: train_seconds, PARTITION_ID: pid, GROUND_TRUTH_KEY: int(contaminated)}
+               TRAIN_SECONDS: train_seconds, PARTITION_ID: pid, GROUND_TRUTH_KEY: int(contaminated),
+               TRAIN_TOKEN_ACC: stats["train-token-acc"], TRAIN_TOKEN_ACC_Q3: stats["train-token-acc-q3"]}
     return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(_only_factor(state, upload)),
                                METRICS_KEY: to_metricrecord(metrics)}), reply_to=msg)
 

@@ -24,7 +24,8 @@ from flwr.supercore import log
 
 from clair_flower.server_apps.results import RunWriter, detection_rates
 from clair_flower.server_apps.checkpointing import RoundCheckpoints
-from clair_flower.strategies.protocol import CONTAMINATED, PARTITION_ID, TRAIN_SECONDS
+from clair_flower.strategies.protocol import (CONTAMINATED, PARTITION_ID, TRAIN_SECONDS, TRAIN_TOKEN_ACC,
+                                             TRAIN_TOKEN_ACC_Q3)
 
 GROUND_TRUTH_KEY = CONTAMINATED
 PARTITION_KEY = PARTITION_ID
@@ -158,11 +159,22 @@ class RecordingStrategy(Strategy):
             "num-replies": len(ok), "bytes-up": int(np.mean(up)) if up else 0,
             "bytes-up-total": int(sum(up)), "server-seconds": server_seconds,
             "client-train-seconds": _mean([s for s in train_secs if np.isfinite(s)]),
+            **self._train_accuracy(ok),
             "train-metrics": detail,
         })
         self._record_flags(detail)
         self._record_rejections()
         return arrays, metrics
+
+    def _train_accuracy(self, replies: list[Message]) -> dict[str, float | None]:
+        """Benign clients' mean train token accuracy at the end of their local steps and after
+        three quarters of them: the experiments' convergence check reads the difference."""
+        benign = [_metrics_of(m) for m in replies if not self.truth.get(m.metadata.src_node_id, 0)]
+        out: dict[str, float | None] = {}
+        for key in (TRAIN_TOKEN_ACC, TRAIN_TOKEN_ACC_Q3):
+            vals = [float(m[key]) for m in benign if key in m]  # type: ignore[arg-type]
+            out[key] = _mean([v for v in vals if np.isfinite(v)])
+        return out
 
     def _record_flags(self, detail: Mapping[str, object]) -> None:
         """Flagged partitions, TPR/FPR against the ground truth, and each client's CLAIR score

@@ -27,6 +27,12 @@ _TASK, _MODEL, _LORA, _TRAIN = TaskConfig(), ModelConfig(), LoraSpec(), TrainCon
 _ATTACK, _CLAIR = AttackConfig(), ClairConfig()
 
 MODEL_ARCHS = ("gpt2", "llama")
+PROTOCOLS = ("rounds", "one-shot")
+"""``rounds``: federated rounds of ``local-steps`` each. ``one-shot`` (the CLAIR paper's):
+every client trains once from the same initial adapter (``local-steps`` should reach
+convergence), the server aggregates once, each client is evaluated on what it receives."""
+#: Strategies whose method is a sequence of rounds (RoLoRA alternates A and B between rounds).
+ROUND_ONLY_STRATEGIES = ("rolora", "clair-rolora")
 CLAIR_SOLVERS = ("fast", "reference")
 
 
@@ -39,6 +45,7 @@ class RunConfig:
     """Every knob of a run. Field ``lora_rank`` is run-config key ``lora-rank``."""
 
     # federation
+    protocol: str = "rounds"
     num_server_rounds: int = 5
     strategy: str = "fedavg"
     seed: int = 0
@@ -101,6 +108,7 @@ class RunConfig:
         _one_of("attack", self.attack, ATTACKS)
         _one_of("planted-background", self.planted_background, PLANTED_BACKGROUNDS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("protocol", self.protocol, PROTOCOLS)
         for key in ("num-server-rounds", "vocab-size", "min-len", "num-train", "num-test",
                     "model-layers", "model-width", "model-heads", "lora-rank", "local-steps",
                     "batch-size", "attack-start-round", "min-nodes"):
@@ -126,6 +134,8 @@ class RunConfig:
                 raise ConfigError(f"clair-c must be 'auto' or a positive number, got {self.clair_c!r}") from None
             if c <= 0:
                 raise ConfigError(f"clair-c must be positive, got {c}")
+        if self.protocol == "one-shot":
+            self._check_one_shot()
         if self.output_dir and not os.path.isabs(os.path.expanduser(self.output_dir)):
             raise ConfigError(
                 f"output-dir must be an absolute path (the SuperLink's working directory is not "
@@ -134,6 +144,18 @@ class RunConfig:
             raise ConfigError(
                 "resume needs output-dir: checkpoints are read from the run's output directory, "
                 "and without output-dir every run gets a new, empty one")
+
+    def _check_one_shot(self) -> None:
+        """One aggregation of adapters trained once: no later round, no attack that starts later."""
+        if self.num_server_rounds != 1:
+            raise ConfigError(f"protocol 'one-shot' aggregates once: set num-server-rounds = 1 "
+                              f"(got {self.num_server_rounds})")
+        if self.strategy in ROUND_ONLY_STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} alternates A and B between rounds, which the "
+                              f"'one-shot' protocol does not have; use protocol = 'rounds'")
+        if self.attack_start_round != 1:
+            raise ConfigError(f"protocol 'one-shot' has one round: attack-start-round must be 1, "
+                              f"got {self.attack_start_round}")
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, object]) -> RunConfig:

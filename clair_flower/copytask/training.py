@@ -94,8 +94,12 @@ def train_local(
 ) -> dict[str, float]:
     """Fine-tune the selected LoRA factors on ``data``'s train split.
 
-    Returns ``{"train-loss": mean loss over the steps, "num-examples": n}``. Deterministic
-    in ``seed`` (batches drawn from a seeded generator; torch RNG forked for dropout).
+    Returns ``{"train-loss": mean loss over the steps, "num-examples": n,
+    "train-token-acc": token accuracy on the whole train split at the end,
+    "train-token-acc-q3": the same after three quarters of the steps}``. The last two tell
+    whether local training has converged (a plateau over the last quarter), which the
+    experiments check before they compare methods. Deterministic in ``seed`` (batches drawn
+    from a seeded generator; torch RNG forked for dropout).
     """
     cfg = cfg or TrainConfig()
     params = set_trainable(model, trainable)
@@ -103,10 +107,15 @@ def train_local(
     n = data.num_train
     rng = np.random.default_rng([seed, 4242])
     losses = []
+    q3 = (3 * cfg.local_steps) // 4
+    acc_q3 = _train_token_acc(model, data, cfg) if q3 == 0 else float("nan")
     model.train()
     with _Threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(cfg.local_steps):
+        for step in range(cfg.local_steps):
+            if step == q3 and step > 0:
+                acc_q3 = _train_token_acc(model, data, cfg)
+                model.train()
             idx = torch.from_numpy(rng.integers(0, n, size=min(cfg.batch_size, n)))
             x, y = data.train_inputs[idx], data.train_labels[idx]
             loss = model(input_ids=x, attention_mask=attention_mask(x), labels=y).loss
@@ -117,7 +126,13 @@ def train_local(
             opt.step()
             losses.append(float(loss.detach()))
     model.eval()
-    return {"train-loss": float(np.mean(losses)) if losses else float("nan"), "num-examples": float(n)}
+    return {"train-loss": float(np.mean(losses)) if losses else float("nan"), "num-examples": float(n),
+            "train-token-acc": _train_token_acc(model, data, cfg), "train-token-acc-q3": acc_q3}
+
+
+def _train_token_acc(model: torch.nn.Module, data: ClientData, cfg: TrainConfig) -> float:
+    """Token accuracy on the client's whole train split (in eval mode: no dropout)."""
+    return evaluate(model, data.train_inputs, data.train_labels, num_threads=cfg.num_threads)["token-acc"]
 
 
 @torch.no_grad()

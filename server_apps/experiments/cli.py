@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clair_flower.server_apps.experiments.grid import DEFAULT_OUT, Grid, GridError, load_grid
-from clair_flower.server_apps.experiments.report import write_report
+from clair_flower.server_apps.experiments.report import RESULTS_MD, write_report
+from clair_flower.server_apps.experiments.rows import cell_row
+from clair_flower.server_apps.results import write_atomic
 from clair_flower.server_apps.experiments.run import clock, compare_flwr, run_grid
 from clair_flower.server_apps.experiments.tables import done_rows
 from clair_flower.server_apps.run_config import ConfigError
@@ -54,6 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads per in-process cell (default 1, as each Ray client gets "
                              "1 CPU; 0 keeps torch's default). A second thread mostly spins on a shared machine")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round INFO log")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no cell: write the report from the cells already done in --out")
+    parser.add_argument("--results-md", default=None, metavar="PATH",
+                        help="also write the report page to PATH (RESULTS.md is regenerated this way)")
     return parser.parse_args(argv)
 
 
@@ -85,9 +91,16 @@ def _run(args: argparse.Namespace, grid: Grid, out: Path) -> int:
         compare_flwr(cells, out, threads=args.threads)
         print(f"comparison in {out / 'flwr_comparison.md'} ({time.time() - t0:.0f} s)")
         return 0
-    print(f"grid {grid.name}: {len(grid.cells)} cells -> {out}")
-    rows = run_grid(grid.cells, out, jobs=args.jobs, threads=args.threads)
+    if args.report_only:
+        rows = [cell_row(c, out) for c in grid.cells]
+    else:
+        print(f"grid {grid.name}: {len(grid.cells)} cells -> {out}")
+        rows = run_grid(grid.cells, out, jobs=args.jobs, threads=args.threads)
     paths = write_report(rows, out, grid)
+    if args.results_md:
+        target = Path(args.results_md)
+        write_atomic(target, (out / RESULTS_MD).read_text())
+        paths.append(target)
     print(f"grid {grid.name}: {len(done_rows(rows))}/{len(rows)} cells done, wall {clock(time.time() - t0)}; wrote "
           + ", ".join(p.name for p in paths))
     return 0 if all(r.get("status") == "done" for r in rows) else 1

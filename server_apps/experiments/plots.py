@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, gain_over_local, ordered, pivot,
-                                            seeds_of, select_rows)
+from clair_flower.server_apps.experiments.stats import Interval, mean_ci, paired_ci
+from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, ordered, seeds_of, select_rows)
 from clair_flower.server_apps.results import draw_score_heatmap, integer_round_ticks
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -131,18 +131,48 @@ def plot_score_heatmaps(rows: Sequence[Mapping[str, object]], path: Path) -> Pat
     return _save(plt, fig, path)
 
 
+def _ci_bar(interval: Interval | None) -> tuple[float, float]:
+    """(mean, half-width) for an error bar; NaN mean where no cell ran, 0 width for one seed."""
+    if interval is None:
+        return np.nan, 0.0
+    return interval.mean, interval.half_width or 0.0
+
+
+def plot_accuracy_by_attack(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """Final benign token accuracy per method, grouped by attack, with 95% CI bars over seeds."""
+    attacks = ordered(r["attack"] for r in rows)
+    methods = ordered((r["strategy"] for r in rows), STRATEGY_ORDER)
+    if not attacks or not methods:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(attacks) * (1 + len(methods) / 6)), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        bars = [_ci_bar(mean_ci(r.get("final-benign-token-acc") for r in rows
+                                if r["strategy"] == m and r["attack"] == a)) for a in attacks]
+        ax.bar(np.arange(len(attacks)) + (j - (len(methods) - 1) / 2) * width, [b[0] for b in bars], width,
+               yerr=[b[1] for b in bars], capsize=2, label=str(m))
+    ax.set_xticks(np.arange(len(attacks)), [str(a) for a in attacks])
+    ax.set(ylabel="final benign token accuracy", title="accuracy per attack (95% CI over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path)
+
+
 def plot_accuracy_vs_fraction(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
-    """Final benign token accuracy vs contaminated fraction, one panel per attack."""
+    """Final benign token accuracy vs contaminated fraction, one panel per attack, 95% CI bars."""
     attacks = ordered(r["attack"] for r in rows)
     if not attacks:
         return None
     plt, fig, axes = _panels(len(attacks))
     for ax, attack in zip(axes, attacks):
         sel = [r for r in rows if r["attack"] == attack]
-        fracs, strats, table = pivot(sel, "attack-fraction", "strategy", "final-benign-token-acc",
-                                     col_order=STRATEGY_ORDER)
-        for j, strat in enumerate(strats):
-            ax.plot(fracs, [np.nan if t[j] is None else t[j] for t in table], marker="o", label=str(strat))
+        fracs = ordered(r["attack-fraction"] for r in sel)
+        for strat in ordered((r["strategy"] for r in sel), STRATEGY_ORDER):
+            bars = [_ci_bar(mean_ci(r.get("final-benign-token-acc") for r in sel
+                                    if r["strategy"] == strat and r["attack-fraction"] == f)) for f in fracs]
+            ax.errorbar(fracs, [b[0] for b in bars], yerr=[b[1] for b in bars], marker="o", capsize=2,
+                        label=str(strat))
         ax.set(title=str(attack), xlabel="contaminated fraction", ylabel="final benign token accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -150,22 +180,33 @@ def plot_accuracy_vs_fraction(rows: Sequence[Mapping[str, object]], path: Path) 
 
 
 def plot_gain_vs_rank(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
-    """Each method's gain over local-only vs r/p (p = model width), one line per attack."""
+    """Each method's gain over local-only vs r/p (p = model width), paired 95% CI bars over
+    seeds, one line per (method, attack)."""
     methods = [m for m in ordered((r["strategy"] for r in rows), STRATEGY_ORDER) if m != "local"]
-    curves = {(m, a): [(g[2], g[3]) for g in gain_over_local(rows, m) if g[0] == a]
-              for m in methods for a in ordered(r["attack"] for r in rows)}
-    curves = {k: v for k, v in curves.items() if v}
+    curves = {}
+    for m in methods:
+        for a in ordered(r["attack"] for r in rows):
+            pts = []
+            for rank in sorted({int(r["lora-rank"]) for r in rows if r["attack"] == a}):  # type: ignore[call-overload]
+                sel = [r for r in rows if r["attack"] == a and r["lora-rank"] == rank]
+                seeds = {s: {int(r["seed"]): r.get("final-benign-token-acc") for r in sel  # type: ignore[call-overload]
+                             if r["strategy"] == s} for s in (m, "local")}
+                gain = paired_ci(seeds[m], seeds["local"])
+                if gain is not None:
+                    pts.append((rank / int(sel[0]["model-width"]), *_ci_bar(gain)))  # type: ignore[call-overload]
+            if pts:
+                curves[(m, a)] = pts
     if not curves:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, attack), pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({attack})",
-                lw=2.5 if method == "clair" else 1.2)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2,
+                    label=f"{method} ({attack})", lw=2.5 if method == "clair" else 1.2)
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="r / p (LoRA rank / model width)", ylabel="final benign token acc - local",
-           title="gain over local-only vs r/p")
+    ax.set(xlabel="r / p (LoRA rank / model width)", ylabel="final benign token acc - local (paired)",
+           title="gain over local-only vs r/p (95% CI over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(plt, fig, path)

@@ -15,10 +15,11 @@ ERROR_FILE = "error.txt"
 TIMING_FILE = "cell-timing.json"
 
 #: Config columns of results.csv, then the figures read from each cell's results.
-CONFIG_COLUMNS = ("cell", "strategy", "attack", "attack-fraction", "lora-rank", "seed", "num-nodes",
-                  "model-width", "num-server-rounds", "local-steps")
+CONFIG_COLUMNS = ("cell", "protocol", "planted", "strategy", "attack", "attack-fraction", "lora-rank", "seed",
+                  "num-nodes", "model-width", "num-server-rounds", "local-steps", "optimizer")
 FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benign-exact-acc",
-                  "final-tpr", "final-fpr", "final-precision", "final-recall",
+                  "final-tpr", "final-fpr", "final-precision", "final-recall", "final-backdoor-asr",
+                  "final-train-token-acc", "train-plateau-gain",
                   "mean-benign-token-acc", "mean-benign-exact-acc", "mean-tpr", "mean-fpr",
                   "total-bytes-up", "total-bytes-down", "mean-server-seconds-per-round",
                   "total-server-seconds", "wall-seconds", "cell-wall-seconds", "cell-cpu-seconds",
@@ -26,7 +27,7 @@ FIGURE_COLUMNS = ("status", "num-rounds", "final-benign-token-acc", "final-benig
 
 #: What a row keeps of each round record: the per-round curves and the score heatmap's data.
 ROUND_KEYS = ("round", "benign-token-acc", "benign-exact-acc", "tpr", "fpr", "client-scores", "thresholds",
-              "contaminated-partitions")
+              "contaminated-partitions", "train-token-acc", "train-token-acc-q3")
 
 
 def _read_json_lines(path: Path) -> list[dict]:
@@ -58,6 +59,22 @@ def vote_rounds(rounds: Sequence[Mapping[str, object]]) -> tuple[int | None, int
     return sum(1 for v in votes if min(v) >= 1.0), sum(1 for v in votes if max(v) <= 0.0)
 
 
+def train_plateau_gain(rounds: Sequence[Mapping[str, object]]) -> float | None:
+    """How much the benign clients' train token accuracy still rose at the end of training: the
+    larger of its gain over the last quarter of the final round's local steps and, with two or
+    more rounds, its gain over the final round. Near zero means local training has converged."""
+    acc = [r.get("train-token-acc") for r in rounds]
+    if not acc or acc[-1] is None:
+        return None
+    gains = []
+    q3 = rounds[-1].get("train-token-acc-q3")
+    if q3 is not None:
+        gains.append(float(acc[-1]) - float(q3))  # type: ignore[arg-type]
+    if len(acc) >= 2 and acc[-2] is not None:
+        gains.append(float(acc[-1]) - float(acc[-2]))  # type: ignore[arg-type]
+    return max(gains) if gains else None
+
+
 def cell_row(cell: Cell, out: Path) -> dict[str, object]:
     """One results.csv row, read back from the cell's files (so skipped cells report too)."""
     cell_dir = cell.out_dir(out)
@@ -77,6 +94,9 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
         "final-benign-exact-acc": summary.get("final-benign-exact-acc"),
         "final-tpr": last_value(rounds, "tpr"), "final-fpr": last_value(rounds, "fpr"),
         "final-precision": last_value(rounds, "precision"), "final-recall": last_value(rounds, "recall"),
+        "final-backdoor-asr": last_value(rounds, "benign-backdoor-asr"),
+        "final-train-token-acc": last_value(rounds, "train-token-acc"),
+        "train-plateau-gain": train_plateau_gain(rounds),
         "mean-benign-token-acc": mean_value(rounds, "benign-token-acc"),
         "mean-benign-exact-acc": mean_value(rounds, "benign-exact-acc"),
         "mean-tpr": mean_value(rounds, "tpr"), "mean-fpr": mean_value(rounds, "fpr"),

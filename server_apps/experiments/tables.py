@@ -51,8 +51,10 @@ def pivot(rows: Sequence[Mapping[str, object]], row_key: str, col_key: str, valu
 
 
 def attack_rows(rows: Sequence[Mapping[str, object]], grid: Grid) -> list[Mapping[str, object]]:
-    """Cells of the method x attack table: headline fraction and rank."""
-    return select_rows(done_rows(rows), attack_fraction=grid.headline_fraction, lora_rank=grid.headline_rank)
+    """Cells of the method x attack table: headline fraction and rank, plus the ``none`` column
+    (no attack) at the headline rank, whatever its fraction."""
+    at_rank = select_rows(done_rows(rows), lora_rank=grid.headline_rank)
+    return [r for r in at_rank if r["attack-fraction"] == grid.headline_fraction or r["attack"] == "none"]
 
 
 def fraction_rows(rows: Sequence[Mapping[str, object]], grid: Grid) -> list[Mapping[str, object]]:

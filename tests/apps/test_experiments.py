@@ -202,3 +202,23 @@ def test_a_clair_cell_records_client_scores_and_draws_the_heatmap(tmp_path: Path
     import logging
 
     assert not logging.getLogger("flwr").filters
+
+
+ONE_SHOT = TINY.replace("num-server-rounds = 1", 'num-server-rounds = 1\nprotocol = "one-shot"').replace(
+    'strategy = ["local", "fedavg"]', 'strategy = ["local", "fedavg", "oracle"]')
+
+
+def test_one_shot_grid_reports_calibration_and_regenerates_a_results_page(tmp_path: Path) -> None:
+    out, page = tmp_path / "out", tmp_path / "RESULTS.md"
+    assert experiments.main([str(_grid(tmp_path, ONE_SHOT)), "--out", str(out)]) == 0
+    csv = (out / "results.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    local = dict(zip(header, next(line for line in csv if line.startswith("local__")).split(",")))
+    assert local["protocol"] == "one-shot" and local["num-server-rounds"] == "1"
+    assert 0.0 <= float(local["final-train-token-acc"]) <= 1.0 and local["train-plateau-gain"] != ""
+    md = (out / "results.md").read_text()
+    assert "Calibration checks" in md and "converged" in md
+    (out / "results.md").unlink()
+    assert experiments.main([str(_grid(tmp_path, ONE_SHOT)), "--out", str(out), "--report-only",
+                             "--results-md", str(page)]) == 0
+    assert page.read_text() == (out / "results.md").read_text()
