@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from clair_flower.client_apps import training_cache
 from clair_flower.copytask import attacks
 from clair_flower.server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config, task_config, train_config
 from clair_flower.server_apps.run_config import attack_config as _run_attack_config
@@ -142,11 +143,32 @@ def _benign_reference(cfg: RunConfig, received: Mapping[str, np.ndarray], contex
     benign = [p for p in range(n) if p not in bad][:k]
     out = []
     for p in benign:
-        model = model_with_adapter(cfg, received)
         data = make_client_data(task_config(cfg), p, n)
-        train_local(model, data, train_config(cfg), seed=_train_seed(cfg, p, server_round))
-        out.append(get_adapter_arrays(model))
+        state, _ = trained_adapter(cfg, received, data, partition=p, num_partitions=n, server_round=server_round,
+                                   trainable=BOTH_FACTORS, contaminated=False)
+        out.append(state)
     return out
+
+
+def trained_adapter(cfg: RunConfig, received: Mapping[str, np.ndarray], data: ClientData, *, partition: int,
+                    num_partitions: int, server_round: int, trainable: str, contaminated: bool
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Local training from ``received``: (adapter state, stats), through the grid's training
+    cache when ``train-cache-dir`` is set (:mod:`.training_cache`)."""
+    key = None
+    if cfg.train_cache_dir:
+        key = training_cache.training_key(cfg, received, partition=partition, num_partitions=num_partitions,
+                                          server_round=server_round, trainable=trainable, contaminated=contaminated)
+        hit = training_cache.load(cfg.train_cache_dir, key)
+        if hit is not None:
+            return hit
+    model = model_with_adapter(cfg, received)
+    stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, partition, server_round),
+                        trainable=trainable)
+    state = get_adapter_arrays(model)
+    if key is not None:
+        training_cache.store(cfg.train_cache_dir, key, state, stats)
+    return state, stats
 
 
 def _train_seed(cfg: RunConfig, pid: int, server_round: int) -> int:
@@ -163,24 +185,22 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     try:
         received = _received_arrays(msg)
-        model = model_with_adapter(cfg, received)
+        model_with_adapter(cfg, received)  # a mismatched adapter is refused before any training
         trainable, upload = _factor_choice(msg, TRAIN_FACTORS), _factor_choice(msg, UPLOAD_FACTORS)
     except (AdapterMismatchError, ValueError) as err:
         return _error_reply(msg, err)
     server_round = _round(msg)
-    pid, _ = partition(context)
+    pid, n = partition(context)
     contaminated = is_contaminated(cfg, context)
     data = _client_data(cfg, context, server_round, contaminated)
     t0 = time.perf_counter()
-    stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, pid, server_round),
-                        trainable=trainable)
+    state, stats = trained_adapter(cfg, received, data, partition=pid, num_partitions=n, server_round=server_round,
+                                   trainable=trainable, contaminated=contaminated)
     train_seconds = time.perf_counter() - t0
-    state = get_adapter_arrays(model)
     acfg = attack_config(cfg)
     if contaminated and acfg.name in attacks.MODEL_ATTACKS and attacks.is_active(acfg, server_round):
         reference = (_benign_reference(cfg, received, context, server_round)
                      if acfg.name in attacks.NEEDS_REFERENCE else None)
-        _, n = partition(context)
         state = attacks.poison_update(acfg, state, received, server_round, benign_reference=reference,
                                       num_clients=n,
                                       num_malicious=len(attacks.contaminated_partitions(n, acfg)))

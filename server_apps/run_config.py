@@ -56,6 +56,7 @@ class RunConfig:
     round_timeout: float = 600.0
     max_norm_ratio: float = 1000.0
     resume: bool = False
+    train_cache_dir: str = ""
     # task
     vocab_size: int = _TASK.vocab_size
     min_len: int = _TASK.min_len
@@ -140,6 +141,8 @@ class RunConfig:
             raise ConfigError(
                 f"output-dir must be an absolute path (the SuperLink's working directory is not "
                 f"yours), got {self.output_dir!r}")
+        if self.train_cache_dir and not os.path.isabs(os.path.expanduser(self.train_cache_dir)):
+            raise ConfigError(f"train-cache-dir must be an absolute path, got {self.train_cache_dir!r}")
         if self.resume and not self.output_dir:
             raise ConfigError(
                 "resume needs output-dir: checkpoints are read from the run's output directory, "

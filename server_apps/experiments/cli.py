@@ -56,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads per in-process cell (default 1, as each Ray client gets "
                              "1 CPU; 0 keeps torch's default). A second thread mostly spins on a shared machine")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round INFO log")
+    parser.add_argument("--no-train-cache", action="store_true",
+                        help="train every cell's clients itself (default: cells share identical local "
+                             "trainings through OUT/train-cache, with the same results)")
     parser.add_argument("--report-only", action="store_true",
                         help="run no cell: write the report from the cells already done in --out")
     parser.add_argument("--results-md", default=None, metavar="PATH",
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace, grid: Grid, out: Path) -> int:
         rows = [cell_row(c, out) for c in grid.cells]
     else:
         print(f"grid {grid.name}: {len(grid.cells)} cells -> {out}")
-        rows = run_grid(grid.cells, out, jobs=args.jobs, threads=args.threads)
+        rows = run_grid(grid.cells, out, jobs=args.jobs, threads=args.threads, train_cache=not args.no_train_cache)
     paths = write_report(rows, out, grid)
     if args.results_md:
         target = Path(args.results_md)

@@ -21,8 +21,16 @@ from clair_flower.server_apps.run_config import RunConfig
 FLWR_DIR = "flwr"
 
 
-def run_cell(cell: Cell, out: Path) -> dict[str, object]:
-    """Run one cell in-process; its failure is recorded, not raised, so the grid goes on."""
+TRAIN_CACHE_DIR = "train-cache"
+
+
+def run_cell(cell: Cell, out: Path, train_cache: bool = True) -> dict[str, object]:
+    """Run one cell in-process; its failure is recorded, not raised, so the grid goes on.
+
+    With ``train_cache`` the clients share ``OUT/train-cache``: a local training that another
+    cell already did (same received adapter, data, config; every strategy's first round, and
+    all of the one-shot protocol) is read back instead of recomputed, bit for bit the same.
+    """
     from clair_flower.client_apps.copy_client import app as client_app
     from clair_flower.server_apps.inprocess import InProcessGrid, simulation_node_configs
     from clair_flower.server_apps.runner import run_federation
@@ -31,6 +39,8 @@ def run_cell(cell: Cell, out: Path) -> dict[str, object]:
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / ERROR_FILE).unlink(missing_ok=True)
     run_config = {**cell.run_config, "output-dir": str(cell_dir)}
+    if train_cache:
+        run_config["train-cache-dir"] = str(out / TRAIN_CACHE_DIR)
     try:
         run_federation(InProcessGrid(client_app, simulation_node_configs(cell.num_nodes), run_config), run_config)
     except Exception as err:  # noqa: BLE001 - one failing cell must not lose the others
@@ -63,7 +73,8 @@ class Progress:
                   f"elapsed {clock(time.time() - self.t0)}, ETA {clock(float(eta))}")
 
 
-def _run_cell_timed(cell: Cell, out: Path, threads: int | None = None) -> tuple[dict[str, object], float]:
+def _run_cell_timed(cell: Cell, out: Path, threads: int | None = None,
+                    train_cache: bool = True) -> tuple[dict[str, object], float]:
     """Run a cell and keep its wall and CPU seconds next to its results.
 
     CPU seconds are what sizes a grid on a shared machine: wall time there depends on
@@ -77,7 +88,7 @@ def _run_cell_timed(cell: Cell, out: Path, threads: int | None = None) -> tuple[
         torch.set_num_threads(threads)
     t0, c0 = time.time(), time.process_time()
     try:
-        run_cell(cell, out)
+        run_cell(cell, out, train_cache)
     finally:
         torch.set_num_threads(old_threads)
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -85,8 +96,8 @@ def _run_cell_timed(cell: Cell, out: Path, threads: int | None = None) -> tuple[
     return cell_row(cell, out), wall
 
 
-def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1,
-             emit: Callable[[str], None] = print, threads: int | None = None) -> list[dict[str, object]]:
+def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1, emit: Callable[[str], None] = print,
+             threads: int | None = None, train_cache: bool = True) -> list[dict[str, object]]:
     """Run every cell not yet done (``jobs`` processes), return one row per cell in order."""
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(cells), emit)
@@ -100,14 +111,14 @@ def run_grid(cells: Sequence[Cell], out: Path, jobs: int = 1,
             todo.append(cell)
     if jobs <= 1:
         for cell in todo:
-            rows[cell.name], secs = _run_cell_timed(cell, out, threads)
+            rows[cell.name], secs = _run_cell_timed(cell, out, threads, train_cache)
             progress.finished(cell, rows[cell.name], secs)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_cell_timed, cell, out, threads): cell for cell in todo}
+            futures = {pool.submit(_run_cell_timed, cell, out, threads, train_cache): cell for cell in todo}
             for fut in as_completed(futures):
                 rows[futures[fut].name], secs = fut.result()
                 progress.finished(futures[fut], rows[futures[fut].name], secs)
