@@ -31,6 +31,9 @@ SERVER_ONLY_KEYS = frozenset({
     "fraction-evaluate", "min-nodes", "max-norm-ratio", "num-malicious", "train-cache-dir",
     "clair-rank", "clair-solver", "clair-c", "clair-policy", "clair-no-structure",
 })
+#: Keys that change only a contaminated client's training (its poisoned data): a benign client
+#: trains alike under every attack, so its entries are shared across the attack table too.
+ATTACK_KEYS = frozenset({"attack", "attack-fraction", "attack-start-round", "attack-strength", "attack-seed"})
 STATS_KEY = "__stats__"
 
 
@@ -38,7 +41,8 @@ def training_key(cfg: RunConfig, received: Mapping[str, np.ndarray], *, partitio
                  server_round: int, trainable: str, contaminated: bool) -> str:
     """SHA-256 of everything a client's local training reads."""
     h = hashlib.sha256()
-    client_config = {k: v for k, v in cfg.to_mapping().items() if k not in SERVER_ONLY_KEYS}
+    ignored = SERVER_ONLY_KEYS if contaminated else SERVER_ONLY_KEYS | ATTACK_KEYS
+    client_config = {k: v for k, v in cfg.to_mapping().items() if k not in ignored}
     h.update(json.dumps([client_config, partition, num_partitions, server_round, trainable, contaminated],
                         sort_keys=True, default=str).encode())
     for name in sorted(received):

@@ -60,6 +60,11 @@ def test_key_changes_with_anything_training_reads_and_not_with_the_strategy() ->
     kw = dict(partition=0, num_partitions=3, server_round=1, trainable="both", contaminated=False)
     key = training_cache.training_key(cfg, arrays, **kw)
     assert training_cache.training_key(cfg.replace(strategy="clair", clair_c="2.0"), arrays, **kw) == key
+    # a benign client trains alike under every attack; a contaminated one does not
+    assert training_cache.training_key(cfg.replace(attack="reversed", attack_fraction=0.3), arrays, **kw) == key
+    bad = {**kw, "contaminated": True}
+    assert (training_cache.training_key(cfg.replace(attack="reversed", attack_fraction=0.3), arrays, **bad)
+            != training_cache.training_key(cfg.replace(attack="random", attack_fraction=0.3), arrays, **bad))
     changed = [training_cache.training_key(cfg.replace(seed=1), arrays, **kw),
                training_cache.training_key(cfg.replace(learning_rate=0.01), arrays, **kw),
                training_cache.training_key(cfg, {"a.lora_A.weight": np.ones((2, 4), np.float32)}, **kw),
