@@ -9,7 +9,7 @@ prints Markdown tables: per client count, each method's mean with its 95% t-inte
 and the paired per-seed differences RoLoRA - FedAvg-LoRA and RoLoRA - FFA-LoRA, at equal rounds
 and at equal uplink bytes (FedAvg-LoRA at half RoLoRA's rounds). A difference whose interval
 contains 0, or whose mean is smaller than the seed spread (the larger standard deviation over
-seeds of the two methods), is "no difference". The trend (does RoLoRA's advantage grow with
+seeds of the two methods), is "no difference" (the latter flagged "paired better/worse"). The trend (does RoLoRA's advantage grow with
 the number of clients?) is the difference at the largest client count minus that at the
 smallest, with a Welch interval (different federations, so not paired). Last line: one JSON object.
 """
@@ -69,10 +69,15 @@ def welch(a: Estimate, b: Estimate) -> Estimate:
 
 
 def verdict(diff: Estimate, spread: float) -> str:
-    """"RoLoRA better/worse" only when the interval excludes 0 and the mean exceeds the seed spread."""
-    if diff.n < 2 or diff.lo <= 0 <= diff.hi or abs(diff.mean) < spread:
+    """"RoLoRA better/worse" only when the interval excludes 0 and the mean exceeds the seed
+    spread; a paired interval that excludes 0 with a mean inside the spread is still "no
+    difference", and says so (consistent per seed, but smaller than seed-to-seed variation)."""
+    if diff.n < 2 or diff.lo <= 0 <= diff.hi:
         return "no difference"
-    return "RoLoRA better" if diff.mean > 0 else "RoLoRA worse"
+    sign = "better" if diff.mean > 0 else "worse"
+    if abs(diff.mean) < spread:
+        return f"no difference: paired {sign}, < seed SD {spread:.3f}"
+    return f"RoLoRA {sign}"
 
 
 # -- reading the runner's output -------------------------------------------------------------
