@@ -56,8 +56,16 @@ class Calibration:
         return f" [fails: {', '.join(self.failed)}]" if self.failed else ""
 
 
+def other_axes(row: Mapping[str, object]) -> str:
+    """The cell's grid axes outside :data:`CONFIG_KEY` (``dirichlet-alpha=10`` ...), read from
+    its name, so a grid that sweeps any run-config key keeps its configurations apart."""
+    parts = str(row.get("cell", "")).split("__")
+    return " ".join(sorted(p for p in parts if "=" in p and p.split("=")[0] not in CONFIG_KEY))
+
+
 def config_key(row: Mapping[str, object]) -> tuple[object, ...]:
-    return tuple(row.get(k) for k in CONFIG_KEY)
+    """:data:`CONFIG_KEY`'s values, then :func:`other_axes`."""
+    return (*(row.get(k) for k in CONFIG_KEY), other_axes(row))
 
 
 def _by_seed(rows: Sequence[Mapping[str, object]], strategy: str, key: str) -> dict[int, float]:

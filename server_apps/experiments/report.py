@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clair_flower.server_apps.experiments.calibration import ACC, CONFIG_KEY, Calibration, calibrate_all, config_key
+from clair_flower.server_apps.experiments.calibration import (ACC, CONFIG_KEY, Calibration, calibrate_all, config_key,
+                                                      other_axes)
 from clair_flower.server_apps.experiments.grid import Grid
 from clair_flower.server_apps.experiments.plots import (plot_accuracy_by_attack, plot_accuracy_per_round, plot_accuracy_vs_fraction,
                                            plot_detection_per_round, plot_gain_vs_rank, plot_score_heatmaps)
@@ -57,12 +58,14 @@ def seed_spread(rows: Sequence[Mapping[str, object]]) -> list[list[object]]:
     return out
 
 
-def _setting(row: Mapping[str, object]) -> tuple[object, object]:
-    return row.get("protocol", "rounds"), bool(row.get("planted"))
+def _setting(row: Mapping[str, object]) -> tuple[object, object, str]:
+    """What a table holds fixed besides its own axes: protocol, task, and any other swept key."""
+    return row.get("protocol", "rounds"), bool(row.get("planted")), other_axes(row)
 
 
-def _setting_name(setting: tuple[object, object]) -> str:
-    return f"{setting[0]} protocol, {'planted' if setting[1] else 'natural'} copy task"
+def _setting_name(setting: tuple[object, object, str]) -> str:
+    name = f"{setting[0]} protocol, {'planted' if setting[1] else 'natural'} copy task"
+    return f"{name}, {setting[2]}" if setting[2] else name
 
 
 def results_markdown(rows: Sequence[Mapping[str, object]], grid: Grid) -> str:
@@ -272,7 +275,8 @@ def md_calibration(calib: Mapping[tuple[object, ...], Calibration]) -> str:
     if not calib:
         return ""
     names = ("converged", "collaboration", "attack")
-    varying = [i for i, _ in enumerate(CONFIG_KEY) if len({k[i] for k in calib}) > 1] or [2]
+    columns = (*CONFIG_KEY, "other axes")
+    varying = [i for i, _ in enumerate(columns) if len({k[i] for k in calib}) > 1] or [2]
     table = []
     for key, cal in sorted(calib.items(), key=lambda kv: str(kv[0])):
         checks = {c.name: c for c in cal.checks}
@@ -284,7 +288,7 @@ def md_calibration(calib: Mapping[tuple[object, ...], Calibration]) -> str:
         table.append(line)
     thresholds = {c.name: c.threshold for cal in calib.values() for c in cal.checks}
     legend = "; ".join(f"{n}: {thresholds[n]}" for n in names if n in thresholds)
-    body = markdown_table([CONFIG_KEY[i] for i in varying] + list(names), table)
+    body = markdown_table([columns[i] for i in varying] + list(names), table)
     return (f"### Calibration checks (per configuration; seed means ± 95% CI)\n\n{legend}. A check that "
             f"needs a cell the grid did not run (local, oracle or fedavg) shows `-`.\n\n{body}\n")
 
@@ -316,7 +320,7 @@ def write_report(rows: Sequence[Mapping[str, object]], out: Path, grid: Grid) ->
     settings = ordered(_setting(x) for x in done_rows(rows))
     for setting in settings:
         sel = [x for x in rows if _setting(x) == setting]
-        suffix = "" if len(settings) == 1 else f"_{setting[0]}_{'planted' if setting[1] else 'natural'}"
+        suffix = "" if len(settings) == 1 else "_" + _setting_name(setting).replace(" ", "").replace(",", "_")
         for plot, selected, name in (
                 (plot_accuracy_by_attack, attack_rows(sel, grid), "accuracy_by_attack"),
                 (plot_accuracy_per_round, attack_rows(sel, grid), "accuracy_per_round"),
