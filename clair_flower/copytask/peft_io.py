@@ -71,3 +71,59 @@ def set_adapter_arrays(
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterMismatchError(f"PEFT did not accept keys: {unexpected}")
+
+
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def merge_delta(model: torch.nn.Module, delta: Mapping[str, np.ndarray]) -> None:
+    """Add ``B @ A`` of each module of ``delta`` to that module's frozen base weight.
+
+    ``delta`` has the adapter's key names and orientation (``lora_B.weight`` is ``out x r``,
+    ``lora_A.weight`` is ``r x in``, any rank ``r``, no scaling). This is how a client takes
+    the part of a refined update that its own rank cannot hold (a "merged delta"): the base
+    layer absorbs it, the adapter keeps its rank and stays trainable. Everything is validated
+    before any weight changes.
+
+    Raises
+    ------
+    AdapterMismatchError
+        Unpaired or unknown modules, shapes that do not fit the layer, non-finite values.
+    """
+    template = adapter_template(model)
+    modules = sorted({k[: -len(_A_SUFFIX)] for k in delta if k.endswith(_A_SUFFIX)}
+                     | {k[: -len(_B_SUFFIX)] for k in delta if k.endswith(_B_SUFFIX)})
+    problems = [f"{k}: not a lora_A/lora_B key" for k in delta if not k.endswith((_A_SUFFIX, _B_SUFFIX))]
+    pairs = {}
+    for m in modules:
+        a_key, b_key = m + _A_SUFFIX, m + _B_SUFFIX
+        if a_key not in delta or b_key not in delta:
+            problems.append(f"{m}: needs both lora_A and lora_B")
+            continue
+        if a_key not in template:
+            problems.append(f"{m}: not an adapted module of this model")
+            continue
+        A, B = np.asarray(delta[a_key]), np.asarray(delta[b_key])
+        out_f, in_f = template[b_key][0], template[a_key][1]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
+            problems.append(f"{m}: expected B (out={out_f}, r) and A (r, in={in_f}), got {B.shape} and {A.shape}")
+        elif not (np.all(np.isfinite(A)) and np.all(np.isfinite(B))):
+            problems.append(f"{m}: contains NaN or Inf")
+        else:
+            pairs[m] = (B, A)
+    if problems:
+        raise AdapterMismatchError("merged delta does not match the model: " + "; ".join(problems))
+    named = dict(model.named_modules())
+    for m, (B, A) in pairs.items():
+        layer = named[_module_name(m, named)]
+        weight = layer.get_base_layer().weight
+        dW = torch.as_tensor(B.astype(np.float64) @ A.astype(np.float64), dtype=weight.dtype)
+        with torch.no_grad():
+            weight += dW.T if getattr(layer, "fan_in_fan_out", False) else dW
+
+
+def _module_name(key_prefix: str, named: Mapping[str, torch.nn.Module]) -> str:
+    """The LoRA layer a state-dict prefix names (PEFT's keys drop the adapter name)."""
+    if key_prefix in named:
+        return key_prefix
+    raise AdapterMismatchError(f"merged delta: no module {key_prefix!r} in the model")

@@ -5,7 +5,7 @@ import pytest
 
 from clair_flower.copytask.model import LoraSpec, ModelConfig, build_model, wrap_lora
 from clair_flower.copytask.peft_io import (
-    AdapterMismatchError, adapter_template, get_adapter_arrays, set_adapter_arrays,
+    AdapterMismatchError, adapter_template, get_adapter_arrays, merge_delta, set_adapter_arrays,
 )
 from clair_flower.copytask.task import TaskConfig
 
@@ -82,3 +82,48 @@ def test_non_strict_allows_partial_update(model):
     for k, v in arrays.items():
         expected = np.ones_like(v) if ".lora_B." in k else v
         assert np.array_equal(got[k], expected)
+
+
+def _logits(model) -> np.ndarray:
+    import torch
+
+    x = torch.tensor([[1, 3, 4, 2, 5, 6]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits.numpy()
+
+
+def test_merged_delta_acts_exactly_like_the_same_delta_held_by_the_adapter(model):
+    """Merging B @ A into the base weight (Conv1D transposed) equals an adapter holding it."""
+    import copy
+
+    rng = np.random.default_rng(1)
+    arrays = get_adapter_arrays(model)
+    scaling = LoraSpec(rank=2).alpha / 2
+    delta = {k: rng.normal(scale=0.3, size=v.shape).astype(np.float32) for k, v in arrays.items()}
+    held = copy.deepcopy(model)
+    set_adapter_arrays(held, {k: v / scaling if k.endswith("lora_B.weight") else v for k, v in delta.items()})
+    zero = {k: np.zeros_like(v) if k.endswith("lora_B.weight") else v for k, v in arrays.items()}
+    merged = copy.deepcopy(model)
+    set_adapter_arrays(merged, zero)
+    before = _logits(merged)
+    merge_delta(merged, delta)
+    assert not np.allclose(_logits(merged), before)
+    np.testing.assert_allclose(_logits(merged), _logits(held), rtol=1e-4, atol=1e-5)
+
+
+def test_merged_delta_of_another_rank_and_bad_deltas(model):
+    arrays = get_adapter_arrays(model)
+    key_a = next(k for k in arrays if k.endswith("lora_A.weight"))
+    prefix = key_a[: -len(".lora_A.weight")]
+    out_f, in_f = arrays[prefix + ".lora_B.weight"].shape[0], arrays[key_a].shape[1]
+    merge_delta(model, {key_a: np.ones((5, in_f), np.float32), prefix + ".lora_B.weight": np.ones((out_f, 5))})
+    before = _logits(model)
+    bad = [({key_a: np.ones((5, in_f))}, "needs both lora_A and lora_B"),
+           ({key_a: np.ones((5, in_f + 1)), prefix + ".lora_B.weight": np.ones((out_f, 5))}, "expected B"),
+           ({key_a: np.full((1, in_f), np.nan), prefix + ".lora_B.weight": np.ones((out_f, 1))}, "NaN"),
+           ({"x.lora_A.weight": np.ones((1, 2)), "x.lora_B.weight": np.ones((2, 1))}, "not an adapted module")]
+    for delta, match in bad:
+        with pytest.raises(AdapterMismatchError, match=match):
+            merge_delta(model, delta)
+    np.testing.assert_array_equal(_logits(model), before)  # nothing was touched
