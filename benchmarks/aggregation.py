@@ -51,7 +51,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # no
 from flwr.serverapp.strategy import FedAvg, FedMedian, MultiKrum  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402  (private API: flwr pinned to 1.41.*)
 
-from clair_flower.clair import ClairConfig, run_clair  # noqa: E402
+from clair_flower.clair import ClairConfig, fit, run_clair  # noqa: E402
 from clair_flower.clair.synthetic import make_large_factors  # noqa: E402
 from clair_flower.lora import LoraFactors  # noqa: E402
 from clair_solver import seven_b_uploads  # noqa: E402
@@ -60,6 +60,10 @@ COPY_TASK_MODULES: dict[str, tuple[int, int]] = {
     "attn.c_attn": (384, 128), "attn.c_proj": (128, 128), "mlp.c_fc": (512, 128), "mlp.c_proj": (128, 512)}
 """LoRA targets of the copy task's GPT-2 block (``n_embd = 128``) as ``(out, in)``: ``B`` is
 ``out x r``, ``A`` is ``r x in``."""
+
+FLOWERTUNE_SIZES: dict[str, tuple[int, int, int]] = {"ft_30x16_r4": (30, 4, 4), "ft_10x4_r32": (10, 1, 32)}
+"""``--flowertune`` sizes as ``(clients, copy-task layers (4 modules each), rank)``: issue #21's
+range is 10 to 30 clients, 4 to 16 small modules, ranks 4 to 32."""
 
 DEMO_ROUND_SECONDS = 9.0
 """Wall time of one round of the default demo (issue #21: CLAIR took 1.1-1.4 s of a 9 s round)."""
@@ -118,9 +122,10 @@ def array_view(arr: Array) -> np.ndarray:
     return out.reshape(shape, order="F" if fortran else "C")
 
 
-def clair_step(replies: list[Message], cfg: ClairConfig) -> dict:
+def clair_step(replies: list[Message], cfg: ClairConfig, lockstep: bool = True) -> dict:
     """CLAIR as a server runs it: factors from the Messages, ``run_clair``, every client's
-    refined adapter serialised into an ``ArrayRecord`` (one client at a time, then dropped)."""
+    refined adapter serialised into an ``ArrayRecord`` (one client at a time, then dropped).
+    ``lockstep=False`` runs the modules' paths on threads, as before issue #21's lockstep."""
     updates: dict[int, dict[str, LoraFactors]] = {}
     for msg in replies:
         rec = msg.content["arrays"]
@@ -128,7 +133,11 @@ def clair_step(replies: list[Message], cfg: ClairConfig) -> dict:
         updates[msg.metadata.src_node_id] = {
             m: LoraFactors(B=array_view(rec[f"{m}.lora_B"]), A=array_view(rec[f"{m}.lora_A"]), scaling=1.0)
             for m in names}
-    res = run_clair(updates, cfg)
+    fit.LOCKSTEP = lockstep
+    try:
+        res = run_clair(updates, cfg)
+    finally:
+        fit.LOCKSTEP = True
     for nid in sorted(res.clients):
         out = ArrayRecord({f"{m}.{part}": Array(np.ascontiguousarray(a, dtype=np.float32))
                            for m, f in res.clients[nid].refined.items()
@@ -165,23 +174,24 @@ def interleaved(methods: dict[str, Callable[[list[Message]], object]], replies: 
                 ) -> dict[str, dict]:
     """Every method once per repetition, in turn, on its own shallow copy of the replies (made
     before the clock starts); wall seconds and peak RSS per run."""
-    out: dict[str, dict] = {name: {"seconds": [], "peak_rss_bytes": []} for name in methods}
+    out: dict[str, dict] = {name: {"seconds": [], "cpu_seconds": [], "peak_rss_bytes": []} for name in methods}
     for _ in range(reps):
         for name, fn in methods.items():
             mine = fresh(replies)
             reset = _reset_peak()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             info = fn(mine)
             out[name]["seconds"].append(time.perf_counter() - t0)
+            out[name]["cpu_seconds"].append(time.process_time() - c0)
             out[name]["peak_rss_bytes"].append(_peak_rss() if reset else None)
-            print(f"    {name} {out[name]['seconds'][-1]:.3f} s", flush=True)
+            print(f"    {name} {out[name]['seconds'][-1]:.3f} s (CPU {out[name]['cpu_seconds'][-1]:.3f} s)", flush=True)
             if isinstance(info, dict):
                 out[name]["last"] = info
             del mine
     for name, r in out.items():
         s = r["seconds"]
-        r.update(min=min(s), median=statistics.median(s), max=max(s))
-        print(f"  {name:10s} min {min(s):8.3f}  median {r['median']:8.3f}  max {max(s):8.3f} s"
+        r.update(min=min(s), median=statistics.median(s), max=max(s), cpu_median=statistics.median(r["cpu_seconds"]))
+        print(f"  {name:10s} min {min(s):8.3f}  median {r['median']:8.3f}  max {max(s):8.3f} s  CPU median {r['cpu_median']:8.3f} s"
               + (f"  peak RSS {max(r['peak_rss_bytes']) / 1e9:.2f} GB" if r["peak_rss_bytes"][0] else ""))
     return out
 
@@ -195,8 +205,9 @@ def flower_methods(n: int, f: int) -> dict[str, Callable[[list[Message]], object
             "fedmedian": lambda r: median.aggregate_train(1, r) and None}
 
 
-def run_size(label: str, updates: dict, cfg: ClairConfig, reps: int) -> dict:
-    """Messages from ``updates`` (then dropped), and the interleaved timings on them."""
+def run_size(label: str, updates: dict, cfg: ClairConfig, reps: int, slow: bool = False) -> dict:
+    """Messages from ``updates`` (then dropped), and the interleaved timings on them; with
+    ``slow``, CLAIR's threaded path (``fit.LOCKSTEP = False``) as one more method."""
     t0 = time.perf_counter()
     n = len(updates)
     upload_bytes = sum(f.A.nbytes + f.B.nbytes for mods in updates.values() for f in mods.values())
@@ -204,10 +215,17 @@ def run_size(label: str, updates: dict, cfg: ClairConfig, reps: int) -> dict:
     updates.clear()
     build = time.perf_counter() - t0
     print(f"{label}: {n} clients, {upload_bytes / 1e6:.1f} MB of uploads (Messages built in {build:.1f} s)")
-    methods = {"clair": lambda r: clair_step(r, cfg), **flower_methods(n, max(1, n // 10))}
-    res = interleaved(methods, replies, reps)
-    return {"n_clients": n, "upload_bytes": upload_bytes, "build_seconds": build, "methods": res,
+    methods = {"clair": lambda r: clair_step(r, cfg)}
+    if slow:
+        methods["clair_threaded"] = lambda r: clair_step(r, cfg, lockstep=False)
+    res = interleaved({**methods, **flower_methods(n, max(1, n // 10))}, replies, reps)
+    slow_ratio = {"clair_threaded_over_fedavg": res["clair_threaded"]["median"] / res["fedavg"]["median"],
+                  "clair_threaded_over_clair_cpu": res["clair_threaded"]["cpu_median"] / res["clair"]["cpu_median"],
+                  "clair_threaded_same_flags": res["clair_threaded"]["last"]["flagged"] == res["clair"]["last"]["flagged"]
+                  } if slow else {}
+    return {"n_clients": n, "upload_bytes": upload_bytes, "build_seconds": build, "methods": res, **slow_ratio,
             "clair_over_fedavg": res["clair"]["median"] / res["fedavg"]["median"],
+            "clair_over_fedavg_cpu": res["clair"]["cpu_median"] / res["fedavg"]["cpu_median"],
             "clair_over_multikrum": res["clair"]["median"] / res["multikrum"]["median"],
             "clair_over_fedmedian": res["clair"]["median"] / res["fedmedian"]["median"],
             "clair_rss_over_uploads": (max(res["clair"]["peak_rss_bytes"]) / upload_bytes
@@ -255,6 +273,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--round-seconds", type=float, default=DEMO_ROUND_SECONDS,
                     help="demo round wall time for small.clair_share_of_round (default: issue #21's 9 s)")
+    ap.add_argument("--no-slow", action="store_true",
+                    help="skip CLAIR's threaded path (fit.LOCKSTEP = False), timed beside the default by default")
+    ap.add_argument("--flowertune", action="store_true",
+                    help="also the FlowerTune-style sizes (30 clients x 16 modules rank 4, 10 x 4 rank 32)")
     ap.add_argument("--scaling", action="store_true",
                     help="only run_clair's time against N (10, 30, 100, 300) and the module count")
     args = ap.parse_args()
@@ -265,15 +287,20 @@ def main() -> None:
         out["total_seconds"] = time.perf_counter() - t_start
         print(json.dumps(out, default=str))
         return
+    slow = not args.no_slow
     small = run_size("small (copy task, no shared structure)", small_uploads(structured=False), ClairConfig(),
-                     args.reps)
+                     args.reps, slow)
     small["clair_share_of_round"] = small["methods"]["clair"]["median"] / args.round_seconds
     small["round_seconds"] = args.round_seconds
     small["round_seconds_source"] = ("issue #21 (default demo, measured there)" if args.round_seconds == DEMO_ROUND_SECONDS
                                      else "--round-seconds")
     out["small"] = small
     out["small_structured"] = run_size("small (copy task, shared subspace, 1 contaminated)",
-                                       small_uploads(structured=True), ClairConfig(), args.reps)
+                                       small_uploads(structured=True), ClairConfig(), args.reps, slow)
+    if args.flowertune:  # FlowerTune-style sizes: more clients, more modules, higher rank
+        for key, (n, layers, rank) in FLOWERTUNE_SIZES.items():
+            out[key] = run_size(f"{key} ({n} clients, {4 * layers} modules, rank {rank}, no shared structure)",
+                                small_uploads(n=n, rank=rank, layers=layers), ClairConfig(), args.reps, slow)
     if not args.skip_llm:
         n, mods = (30, 8) if args.quick else (100, 64)
         updates, _, _ = seven_b_uploads(n, mods, (4096, 4096), 16)
