@@ -144,15 +144,22 @@ def _run_clair(updates: Mapping, cfg: ClairConfig, prior_z: Mapping) -> ClairRes
 
 def _in_subspace_stage(fac: Factors, fits: dict[str, ModuleFit], modules: list[str], active: list,
                        flagged: np.ndarray, z_threshold: float) -> dict[int, float]:
-    """CLAIR+: flag (in place) clients whose in-subspace coefficients are robust outliers."""
+    """CLAIR+: flag (in place) clients whose in-subspace coefficients are robust outliers
+    (magnitude) or whose update points against the others' (direction); see
+    :mod:`~clair_flower.clair.detection`. The reported z is the magnitude z, or
+    ``max(z_magnitude, -z_direction)`` for a client the direction test flags, so a client is
+    flagged exactly when it is above ``z_threshold``."""
     cand = [i for i in range(len(active)) if not flagged[i]]
-    coeffs = []
+    coeffs, grams = [], []
     for m in modules:
         cf = client_factors(fac, m, active)
         coeffs.append([(fits[m].U.T @ cf.B[i].astype(np.float64)) @ cf.A[i] for i in cand])
-    z, zflag = detection.in_subspace_flags(coeffs, z_threshold)
+        grams.append(detection.product_gram([cf.B[i] for i in cand], [cf.A[i] for i in cand]))
+    z_mag, mag_flags = detection.in_subspace_flags(coeffs, z_threshold)
+    z_dir, dir_flags = detection.direction_flags(detection.mean_cosines(grams), z_threshold)
+    z = np.where(dir_flags, np.maximum(z_mag, -z_dir), z_mag)
     for j, i in enumerate(cand):
-        flagged[i] |= bool(zflag[j])
+        flagged[i] |= bool(mag_flags[j] or dir_flags[j])
     return dict(zip(cand, z))
 
 
