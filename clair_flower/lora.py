@@ -125,6 +125,19 @@ def factors_to_state_dict(factors: Mapping[str, LoraFactors]) -> dict[str, np.nd
     return sd
 
 
+def delta_state_dict(factors: Mapping[str, LoraFactors]) -> dict[str, np.ndarray]:
+    """A delta as adapter-shaped arrays with the scaling folded into ``B`` (``B @ A`` is the
+    delta), at least rank 1 (a zero column) so every module has arrays a client can read."""
+    sd: dict[str, np.ndarray] = {}
+    for name, f in factors.items():
+        B, A = f.scaling * f.B, f.A
+        if f.rank == 0:
+            B, A = np.zeros((f.out_features, 1), f.B.dtype), np.zeros((1, f.in_features), f.A.dtype)
+        sd[name + LORA_A_SUFFIX] = np.ascontiguousarray(A)
+        sd[name + LORA_B_SUFFIX] = np.ascontiguousarray(B.astype(f.B.dtype))
+    return sd
+
+
 def refactor(
     dW: np.ndarray, rank: int, scaling: float, dtype: np.dtype | type = np.float32
 ) -> tuple[LoraFactors, float]:

@@ -26,10 +26,11 @@ from clair_flower.copytask import attacks
 from clair_flower.server_apps.run_config import RunConfig, base_task_config, lora_spec, model_config, task_config, train_config
 from clair_flower.server_apps.run_config import attack_config as _run_attack_config
 from clair_flower.copytask.model import load_base_model, wrap_lora
-from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
+from clair_flower.copytask.peft_io import AdapterMismatchError, get_adapter_arrays, merge_delta, set_adapter_arrays
 from clair_flower.copytask.task import NUM_SPECIAL, ClientData, encode, make_client_data
 from clair_flower.copytask.training import evaluate, train_local
-from clair_flower.strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES, METRICS_KEY,
+from clair_flower.strategies.protocol import (ARRAYS_KEY, BOTH_FACTORS, CONFIG_KEY, CONTAMINATED, FACTOR_CHOICES,
+                                 MERGED_DELTA_KEY, METRICS_KEY,
                                  NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, TRAIN_FACTORS,
                                  TRAIN_LOSS, TRAIN_SECONDS, TRAIN_TOKEN_ACC, TRAIN_TOKEN_ACC_Q3, UPLOAD_FACTORS)
 from clair_flower.strategies.records import from_arrayrecord, to_arrayrecord, to_metricrecord
@@ -82,16 +83,29 @@ def is_contaminated(cfg: RunConfig, context: Context) -> bool:
 
 
 def model_with_adapter(cfg: RunConfig, arrays: Mapping[str, np.ndarray]):  # noqa: ANN201
-    """A fresh copy of the cached base model with the received adapter loaded."""
+    """A fresh copy of the cached base model with the received adapter loaded; arrays under
+    ``merged-delta/`` (see :func:`_received_arrays`) are merged into the base layers first."""
     model = wrap_lora(copy.deepcopy(_base_model(cfg)), lora_spec(cfg), seed=cfg.seed)
-    set_adapter_arrays(model, arrays)
+    delta = {k[len(DELTA_PREFIX):]: v for k, v in arrays.items() if k.startswith(DELTA_PREFIX)}
+    set_adapter_arrays(model, {k: v for k, v in arrays.items() if not k.startswith(DELTA_PREFIX)})
+    if delta:
+        merge_delta(model, delta)
     return model
 
 
+DELTA_PREFIX = MERGED_DELTA_KEY + "/"
+
+
 def _received_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """The adapter sent, plus the merged delta (if any) under ``merged-delta/<key>``: one
+    mapping, so the training cache keys on both."""
     if ARRAYS_KEY not in msg.content.array_records:
         raise AdapterMismatchError(f"the message carries no ArrayRecord '{ARRAYS_KEY}'")
-    return from_arrayrecord(msg.content.array_records[ARRAYS_KEY])
+    arrays = from_arrayrecord(msg.content.array_records[ARRAYS_KEY])
+    if MERGED_DELTA_KEY in msg.content.array_records:
+        delta = from_arrayrecord(msg.content.array_records[MERGED_DELTA_KEY])
+        arrays.update({DELTA_PREFIX + k: v for k, v in delta.items()})
+    return arrays
 
 
 def _config_value(msg: Message, key: str, default: object) -> object:
@@ -201,7 +215,8 @@ def train(msg: Message, context: Context) -> Message:
     if contaminated and acfg.name in attacks.MODEL_ATTACKS and attacks.is_active(acfg, server_round):
         reference = (_benign_reference(cfg, received, context, server_round)
                      if acfg.name in attacks.NEEDS_REFERENCE else None)
-        state = attacks.poison_update(acfg, state, received, server_round, benign_reference=reference,
+        adapter = {k: v for k, v in received.items() if not k.startswith(DELTA_PREFIX)}
+        state = attacks.poison_update(acfg, state, adapter, server_round, benign_reference=reference,
                                       num_clients=n,
                                       num_malicious=len(attacks.contaminated_partitions(n, acfg)))
     metrics = {NUM_EXAMPLES: int(stats["num-examples"]), TRAIN_LOSS: stats["train-loss"],

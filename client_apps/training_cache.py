@@ -29,7 +29,7 @@ from clair_flower.server_apps.run_config import RunConfig
 SERVER_ONLY_KEYS = frozenset({
     "strategy", "protocol", "num-server-rounds", "output-dir", "resume", "round-timeout", "fraction-train",
     "fraction-evaluate", "min-nodes", "max-norm-ratio", "num-malicious", "train-cache-dir",
-    "clair-rank", "clair-solver", "clair-c", "clair-policy", "clair-no-structure",
+    "clair-rank", "clair-solver", "clair-c", "clair-policy", "clair-no-structure", "clair-downlink",
 })
 #: Keys that change only a contaminated client's training (its poisoned data): a benign client
 #: trains alike under every attack, so its entries are shared across the attack table too.

@@ -20,6 +20,7 @@ from clair_flower.copytask.attacks import ATTACKS, AttackConfig
 from clair_flower.copytask.model import LoraSpec, ModelConfig
 from clair_flower.copytask.task import PLANTED_BACKGROUNDS, TaskConfig
 from clair_flower.copytask.training import OPTIMIZERS, TrainConfig
+from clair_flower.strategies.protocol import DOWNLINKS
 
 # Defaults live once, in the core's dataclasses; pyproject's [tool.flwr.app.config] repeats
 # them for `flwr run`, and tests/apps/test_run_config.py checks that the two agree.
@@ -34,6 +35,7 @@ convergence), the server aggregates once, each client is evaluated on what it re
 #: Strategies whose method is a sequence of rounds (RoLoRA alternates A and B between rounds).
 ROUND_ONLY_STRATEGIES = ("rolora", "clair-rolora")
 CLAIR_SOLVERS = ("fast", "reference")
+
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,7 @@ class RunConfig:
     clair_c: str = str(_CLAIR.c)
     clair_policy: str = _CLAIR.flagged_policy
     clair_no_structure: str = _CLAIR.no_structure
+    clair_downlink: str = "own-rank"
     # robust baselines: attackers assumed by Krum/Bulyan/trimmed mean (-1: from attack-fraction)
     num_malicious: int = -1
 
@@ -106,6 +109,7 @@ class RunConfig:
         _one_of("clair-solver", self.clair_solver, CLAIR_SOLVERS)
         _one_of("clair-policy", self.clair_policy, POLICIES)
         _one_of("clair-no-structure", self.clair_no_structure, NO_STRUCTURE_POLICIES)
+        _one_of("clair-downlink", self.clair_downlink, DOWNLINKS)
         _one_of("attack", self.attack, ATTACKS)
         _one_of("planted-background", self.planted_background, PLANTED_BACKGROUNDS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)

@@ -57,7 +57,8 @@ def _clair(cfg: RunConfig, num_nodes: int, plus: bool = False) -> Strategy:
     # rank_probe off: every copy-task client trains at the run config's lora-rank, and this
     # project's ClientApp refuses the probe's empty adapter (one wasted message per node).
     return ClairStrategy(lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=_clair_config(cfg, plus),
-                         max_norm_ratio=cfg.max_norm_ratio, rank_probe=False, **_sampling(cfg, at_least=3))
+                         max_norm_ratio=cfg.max_norm_ratio, rank_probe=False, downlink=cfg.clair_downlink,
+                         **_sampling(cfg, at_least=3))
 
 
 def _krum_family(cfg: RunConfig, num_nodes: int, name: str) -> Strategy:

@@ -114,6 +114,11 @@ class LoraStrategy(RoundReporting, Strategy):
         """What ``node_id`` is sent (default: the global arrays, as FedAvg)."""
         return arrays
 
+    def node_extra_records(self, node_id: int) -> dict[str, ArrayRecord]:
+        """ArrayRecords sent to ``node_id`` besides its adapter (default: none; CLAIR's
+        lossless downlink adds the merged delta)."""
+        return {}
+
     def train_config(self, server_round: int) -> dict[str, ConfigValue]:
         """Entries added to the train ConfigRecord besides ``"server-round"`` (default: none)."""
         return {}
@@ -162,7 +167,8 @@ class LoraStrategy(RoundReporting, Strategy):
         out = []
         for nid in node_ids:
             cfg = ConfigRecord({**dict(config), SERVER_ROUND: server_round, **(extra or {})})
-            content = RecordDict({self.arrayrecord_key: self.node_arrays(nid, arrays), self.configrecord_key: cfg})
+            content = RecordDict({self.arrayrecord_key: self.node_arrays(nid, arrays), **self.node_extra_records(nid),
+                                  self.configrecord_key: cfg})
             out.append(Message(content=content, dst_node_id=nid, message_type=message_type,
                                group_id=str(server_round)))
         return out

@@ -13,19 +13,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.supercore import log
 
 from clair_flower.clair import ClairConfig, ClairResult, run_clair
-from clair_flower.lora import factors_to_state_dict
+from clair_flower.clair.downlink import merged_deltas
+from clair_flower.lora import delta_state_dict, factors_to_state_dict
 from clair_flower.strategies.clair_aggregator import DECISIONS, ClairAggregator, UsesClairAggregator, clair_config
 from clair_flower.strategies.personalized import PersonalizedLoraStrategy
-from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from clair_flower.strategies.protocol import ARRAYS_KEY, CONFIG_KEY, DOWNLINKS, MERGED_DELTA_KEY, METRICS_KEY
+from clair_flower.strategies.records import to_arrayrecord
 from clair_flower.strategies.screen import ReplyScreen, template_of
-from clair_flower.strategies.state import StrategyState
+from clair_flower.strategies.state import State, StrategyState
 from clair_flower.strategies.uploads import Upload
 
-__all__ = ["DECISIONS", "ClairStrategy", "Detection"]
+__all__ = ["DECISIONS", "DOWNLINKS", "ClairStrategy", "Detection"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,15 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
     in_subspace_stage : bool
         Add the robust median/MAD test on in-subspace coefficients (CLAIR+), which also
         catches sign flip, scaling and IPM.
+    downlink : {"own-rank", "merged-delta"}
+        ``"own-rank"``: each client gets its refined update re-factored at its own rank (what a
+        plain PEFT client loads; the round's ``max-truncation-error`` says how much is lost).
+        ``"merged-delta"``: lossless; besides that adapter, each client gets the rest of its
+        refined update in an ArrayRecord ``merged_delta_key`` (``lora_A``/``lora_B`` keys of
+        any rank, no scaling) and adds ``lora_B @ lora_A`` to each module's base weight before
+        loading the adapter (:func:`clair_flower.copytask.peft_io.merge_delta`).
+    merged_delta_key : str
+        Name of that ArrayRecord (default ``"merged-delta"``).
     form, pairs, seed
         As in :class:`~clair_flower.clair.ClairConfig`.
     max_norm_ratio, fraction_train, ..., min_available_nodes, arrayrecord_key, ..., comm_budget_mb
@@ -93,6 +104,7 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
                  c: str | float = "auto", flag_threshold: float | None = None, vote_threshold: float = 0.5,
                  flagged_policy: str = "consensus", no_structure: str = "mean",
                  in_subspace_stage: bool = False, pairs: str = "all", seed: int = 0,
+                 downlink: str = "own-rank", merged_delta_key: str = MERGED_DELTA_KEY,
                  max_norm_ratio: float = 1e3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 3, min_evaluate_nodes: int = 2, min_available_nodes: int = 3,
                  arrayrecord_key: str = ARRAYS_KEY, configrecord_key: str = CONFIG_KEY,
@@ -108,6 +120,11 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
                            flagged_policy=flagged_policy, no_structure=no_structure,
                            in_subspace_stage=in_subspace_stage, seed=seed)
         self.clair = ClairAggregator(cfg, label="CLAIR", fallback="adapters kept as they were")
+        if downlink not in DOWNLINKS:
+            raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {downlink!r}")
+        self.downlink = downlink
+        self.merged_delta_key = merged_delta_key
+        self.deltas: dict[int, State] = {}
 
     @property
     def score_z_history(self) -> dict[int, list[float]]:
@@ -120,8 +137,8 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
             c.rank or "auto (gap)", c.solver, c.form, c.c)
         log(INFO, "\t├──> Detection: pairs %s, flag threshold %s, vote > %.2f, in-subspace stage %s",
             c.pairs, c.flag_threshold, c.vote_threshold, c.in_subspace_stage)
-        log(INFO, "\t├──> Flagged clients get: %s; trusted clients of a round without structure: %s",
-            c.flagged_policy, c.no_structure)
+        log(INFO, "\t├──> Flagged clients get: %s; trusted clients of a round without structure: %s; "
+            "downlink %s", c.flagged_policy, c.no_structure, self.downlink)
         super().summary()
 
     # -- checkpoint ------------------------------------------------------------------------
@@ -130,6 +147,8 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         state = super().export_state()
         state.per_client_meta["flag-history"] = {n: list(h) for n, h in self.flag_history.items()}
         state.per_client_meta["score-z-history"] = {n: list(h) for n, h in self.score_z_history.items()}
+        if self.deltas:
+            state.per_client["merged-deltas"] = {n: dict(d) for n, d in self.deltas.items()}
         return state
 
     def restore_state(self, state: StrategyState) -> None:
@@ -137,6 +156,7 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         super().restore_state(state)
         self.clair.flag_history = state.per_client_int_lists("flag-history")
         self.clair.score_z_history = state.per_client_float_lists("score-z-history")
+        self.deltas = {int(n): dict(d) for n, d in state.per_client.get("merged-deltas", {}).items()}
 
     # -- detection alone -------------------------------------------------------------------
     def detect(self, replies: Iterable[Message]) -> Detection:
@@ -162,7 +182,24 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
             for nid, client in result.clients.items():
                 self.adapters[nid] = factors_to_state_dict(client.refined)
             self.consensus = self.to_global(result.consensus)  # global rank and scaling
+            if self.downlink == "merged-delta":
+                metrics.update(self._merged_deltas(uploads, result))
         return metrics
+
+    def _merged_deltas(self, uploads: list[Upload], result: ClairResult) -> dict[str, object]:
+        """Keep each client's merged delta (sent with its adapter until the next CLAIR round)."""
+        deltas, losses = merged_deltas({u.node_id: self.as_factors(u) for u in uploads}, result,
+                                       self.config.flagged_policy)
+        for nid, per_module in deltas.items():
+            self.deltas[nid] = delta_state_dict(per_module)
+        ranks = [d.rank for per in deltas.values() for d in per.values()]
+        return {"refit-norm-loss": float(max((v for per in losses.values() for v in per.values()), default=0.0)),
+                "merged-delta-max-rank": int(max(ranks, default=0))}
+
+    def node_extra_records(self, node_id: int) -> dict[str, ArrayRecord]:
+        if self.downlink != "merged-delta" or node_id not in self.deltas:
+            return {}
+        return {self.merged_delta_key: to_arrayrecord(self.deltas[node_id])}
 
 
 def _first_template(replies: list[Message], screen: ReplyScreen) -> dict[str, tuple[int, ...]]:

@@ -15,6 +15,14 @@ METRICS_KEY = "metrics"
 """MetricRecord of a reply."""
 CONFIG_KEY = "config"
 """ConfigRecord of an instruction."""
+DOWNLINKS = ("own-rank", "merged-delta")
+"""What CLAIR sends a client: its refined update at its own rank, or that plus the merged delta."""
+MERGED_DELTA_KEY = "merged-delta"
+"""Optional ArrayRecord of an instruction (CLAIR's lossless downlink): per module, the part of
+the client's refined update that its LoRA rank cannot hold, with the adapter's key names and
+orientation at its own rank and no scaling. The client adds ``lora_B @ lora_A`` of each module
+to that module's base weight (transposed for GPT-2's ``Conv1D``) before loading its adapter
+(:func:`clair_flower.copytask.peft_io.merge_delta`); the adapter keeps its rank."""
 
 # -- ConfigRecord entries the server sends ---------------------------------------------------
 SERVER_ROUND = "server-round"

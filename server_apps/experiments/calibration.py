@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from clair_flower.server_apps.experiments.stats import Interval, mean_ci
+from clair_flower.server_apps.experiments.tables import METHOD_KEY_PREFIX
 
 #: Row columns that define one configuration (everything a method comparison holds fixed).
 CONFIG_KEY = ("protocol", "planted", "attack", "attack-fraction", "lora-rank", "num-nodes", "model-width",
@@ -60,7 +61,8 @@ def other_axes(row: Mapping[str, object]) -> str:
     """The cell's grid axes outside :data:`CONFIG_KEY` (``dirichlet-alpha=10`` ...), read from
     its name, so a grid that sweeps any run-config key keeps its configurations apart."""
     parts = str(row.get("cell", "")).split("__")
-    return " ".join(sorted(p for p in parts if "=" in p and p.split("=")[0] not in CONFIG_KEY))
+    return " ".join(sorted(p for p in parts if "=" in p and p.split("=")[0] not in CONFIG_KEY
+                           and not p.startswith(METHOD_KEY_PREFIX)))
 
 
 def config_key(row: Mapping[str, object]) -> tuple[object, ...]:

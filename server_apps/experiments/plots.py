@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from clair_flower.server_apps.experiments.stats import Interval, mean_ci, paired_ci
-from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, ordered, seeds_of, select_rows)
+from clair_flower.server_apps.experiments.tables import STRATEGY_ORDER, is_flagging, ordered, seeds_of, select_rows
 from clair_flower.server_apps.results import draw_score_heatmap, integer_round_ticks
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -96,7 +96,7 @@ def plot_accuracy_per_round(rows: Sequence[Mapping[str, object]], path: Path) ->
 
 def plot_detection_per_round(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
     """TPR (solid) and FPR (dashed) per round for the flagging methods, one panel per attack."""
-    rows = [r for r in rows if r["strategy"] in FLAGGING and r["attack"] != "none"]
+    rows = [r for r in rows if is_flagging(r) and r["attack"] != "none"]
     attacks = ordered(r["attack"] for r in rows)
     if not attacks:
         return None
@@ -117,18 +117,24 @@ def plot_detection_per_round(rows: Sequence[Mapping[str, object]], path: Path) -
 def plot_score_heatmaps(rows: Sequence[Mapping[str, object]], path: Path) -> Path | None:
     """Clients x rounds heatmap of the per-client score, one panel per flagging cell (lowest
     seed), contaminated clients marked and the flag threshold on each colour bar."""
-    rows = [r for r in rows if r["strategy"] in FLAGGING
+    rows = [r for r in rows if is_flagging(r)
             and any(isinstance(rec.get("client-scores"), Mapping) for rec in r.get("rounds") or [])]  # type: ignore[union-attr]
     if not rows:
         return None
     first = seeds_of(rows)[0]
     rows = sorted((r for r in rows if int(r["seed"]) == first),  # type: ignore[call-overload]
-                  key=lambda r: (str(r["attack"]), STRATEGY_ORDER.index(r["strategy"])))
+                  key=lambda r: (str(r["attack"]), _order(r["strategy"])))
     plt, fig, axes = _panels(len(rows))
     for ax, row in zip(axes, rows):
         draw_score_heatmap(ax, row["rounds"], f"{row['strategy']}, {row['attack']} (seed {first})")  # type: ignore[arg-type]
     fig.suptitle("per-client score: x flagged, red * contaminated, bar line: flag threshold", fontsize=9)
     return _save(plt, fig, path)
+
+
+def _order(strategy: object) -> tuple[int, str]:
+    """Sort key: the STRATEGY_ORDER position of a strategy (or of the one a variant is of)."""
+    base = str(strategy).split(" ")[0]
+    return (STRATEGY_ORDER.index(base) if base in STRATEGY_ORDER else len(STRATEGY_ORDER), str(strategy))
 
 
 def _ci_bar(interval: Interval | None) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from clair_flower.server_apps.experiments.grid import Grid
 from clair_flower.server_apps.experiments.plots import (plot_accuracy_by_attack, plot_accuracy_per_round, plot_accuracy_vs_fraction,
                                            plot_detection_per_round, plot_gain_vs_rank, plot_score_heatmaps)
 from clair_flower.server_apps.experiments.rows import CONFIG_COLUMNS, FIGURE_COLUMNS
-from clair_flower.server_apps.experiments.tables import (FLAGGING, STRATEGY_ORDER, attack_rows, done_rows, fraction_rows,
+from clair_flower.server_apps.experiments.tables import (STRATEGY_ORDER, attack_rows, done_rows, fraction_rows, is_flagging,
                                             ordered, pivot, rank_rows,
                                             seeds_of)
 from clair_flower.server_apps.experiments.stats import Interval, mean_ci, paired_ci
@@ -50,7 +50,7 @@ def seed_spread(rows: Sequence[Mapping[str, object]]) -> list[list[object]]:
         g = groups[key]
         accs = [g[s].get("final-benign-token-acc") if s in g else None for s in seeds]
         vals = [float(a) for a in accs if a is not None]  # type: ignore[arg-type]
-        flags = key[0] in FLAGGING
+        flags = any(is_flagging(r) for r in g.values())
         tpr = [g[s].get("final-tpr") if flags and s in g else None for s in seeds]
         fpr = [g[s].get("final-fpr") if flags and s in g else None for s in seeds]
         out.append([*key, *accs, float(np.mean(vals)) if vals else None,
@@ -106,7 +106,7 @@ def _setting_sections(rows: Sequence[Mapping[str, object]], grid: Grid,
                            head, "attack"))
     parts.append(md_worst_case(f"Worst case over attacks (fraction {f:g}, rank {r}; the ByzFL convention)",
                                head, calib))
-    flag = [x for x in head if x["strategy"] in FLAGGING]
+    flag = [x for x in head if is_flagging(x)]
     for key, label in (("final-tpr", "TPR"), ("final-fpr", "FPR")):
         parts.append(md_ci_pivot(f"Detection {label}, final round (fraction {f:g})", flag,
                                  "strategy", "attack", key, calib, STRATEGY_ORDER))
@@ -118,10 +118,10 @@ def _setting_sections(rows: Sequence[Mapping[str, object]], grid: Grid,
         parts.append(md_ci_pivot(f"Final benign token accuracy vs contaminated fraction ({attack}, rank {r})",
                                  sel, "attack-fraction", "strategy", ACC, calib, col_order=STRATEGY_ORDER))
         parts.append(md_ci_pivot(f"Detection TPR vs contaminated fraction ({attack}; undefined at 0)",
-                                 [x for x in sel if x["strategy"] in FLAGGING], "attack-fraction", "strategy",
+                                 [x for x in sel if is_flagging(x)], "attack-fraction", "strategy",
                                  "final-tpr", calib, col_order=STRATEGY_ORDER))
         parts.append(md_ci_pivot(f"Detection FPR vs contaminated fraction ({attack})",
-                                 [x for x in sel if x["strategy"] in FLAGGING], "attack-fraction", "strategy",
+                                 [x for x in sel if is_flagging(x)], "attack-fraction", "strategy",
                                  "final-fpr", calib, col_order=STRATEGY_ORDER))
         parts.append(md_paired(f"Paired differences vs contaminated fraction, CLAIR minus baseline ({attack})",
                                sel, "attack-fraction"))
@@ -208,7 +208,8 @@ def md_ci_pivot(title: str, rows: Sequence[Mapping[str, object]], row_key: str, 
 
 def _baselines(rows: Sequence[Mapping[str, object]]) -> list[str]:
     present = {str(x["strategy"]) for x in rows}
-    return [s for s in STRATEGY_ORDER if s in present and s not in FLAGGING]
+    flagging = {str(x["strategy"]) for x in rows if is_flagging(x)}
+    return [s for s in STRATEGY_ORDER if s in present and s not in flagging]
 
 
 def _seed_values(rows: Sequence[Mapping[str, object]], strategy: str) -> dict[int, float | None]:
@@ -224,11 +225,10 @@ def _verdict(interval: Interval | None) -> str:
     return f"{interval.mean:+.3f} [{interval.lo:+.3f}, {interval.hi:+.3f}] {word}"
 
 
-def md_paired(title: str, rows: Sequence[Mapping[str, object]], by: str,
-              methods: Sequence[str] = ("clair", "clair-plus")) -> str:
-    """Per value of ``by``: each CLAIR method minus each baseline, paired over seeds, with its
-    95% CI and the verdict (better / worse / no difference)."""
-    present = [m for m in methods if any(x["strategy"] == m for x in rows)]
+def md_paired(title: str, rows: Sequence[Mapping[str, object]], by: str) -> str:
+    """Per value of ``by``: each CLAIR method (and variant) minus each baseline, paired over
+    seeds, with its 95% CI and the verdict (better / worse / no difference)."""
+    present = [str(m) for m in ordered((x["strategy"] for x in rows if is_flagging(x)), STRATEGY_ORDER)]
     baselines = _baselines(rows)
     if not present or not baselines:
         return ""

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from clair_flower.server_apps.experiments.grid import Cell
+from clair_flower.server_apps.experiments.tables import METHOD_KEY_PREFIX
 from clair_flower.server_apps.results import SUMMARY_JSON, format_cell, last_value, mean_value
 from clair_flower.server_apps.run_config import RunConfig
 
@@ -81,6 +82,10 @@ def cell_row(cell: Cell, out: Path) -> dict[str, object]:
     cfg = RunConfig.from_mapping(cell.run_config)
     row: dict[str, object] = {"cell": cell.name, "num-nodes": cell.num_nodes}
     row.update({k: cfg.to_mapping()[k] for k in CONFIG_COLUMNS if k not in row and k != "cell"})
+    variant = {k: v for k, v in sorted(cell.axes.items()) if k.startswith(METHOD_KEY_PREFIX)}
+    if variant:  # a method variant is a method of its own in every table
+        row["base-strategy"] = row["strategy"]
+        row["strategy"] = f"{row['strategy']} (" + ", ".join(f"{k}={v}" for k, v in variant.items()) + ")"
     summary_path = cell_dir / SUMMARY_JSON
     if not summary_path.exists():
         err = (cell_dir / ERROR_FILE).read_text().strip() if (cell_dir / ERROR_FILE).exists() else "not run"

@@ -11,6 +11,13 @@ from clair_flower.server_apps.experiments.grid import Grid
 
 #: Strategies that flag clients (their rounds carry TPR/FPR).
 FLAGGING = ("clair", "clair-plus", "clair-rolora")
+#: Grid axes that make a variant of a method (its rows read ``clair (clair-downlink=merged-delta)``).
+METHOD_KEY_PREFIX = "clair-"
+
+
+def is_flagging(row: Mapping[str, object]) -> bool:
+    """Whether the row's method flags clients (a variant of a flagging strategy does too)."""
+    return str(row.get("base-strategy", row["strategy"])) in FLAGGING
 
 
 def done_rows(rows: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]]:
