@@ -101,3 +101,24 @@ def test_one_shot_protocol_is_validated_with_a_readable_error(changes: dict, mat
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_mapping(changes)
     assert RunConfig.from_mapping({"protocol": "one-shot", "num-server-rounds": 1}).protocol == "one-shot"
+
+
+def test_a_clair_axis_makes_a_method_variant_not_a_configuration(tmp_path) -> None:  # noqa: ANN001
+    from clair_flower.server_apps.experiments.rows import cell_row
+    from clair_flower.server_apps.experiments.tables import is_flagging
+
+    text = ('name = "v"\nnum-nodes = 3\n[[grid]]\nstrategy = ["clair"]\nattack = ["random"]\n'
+            'attack-fraction = [0.3]\nclair-downlink = ["merged-delta"]\ndirichlet-alpha = [10.0]\n')
+    (tmp_path / "g.toml").write_text(text)
+    cell = experiments.load_grid(tmp_path / "g.toml", tmp_path).cells[0]
+    row = cell_row(cell, tmp_path)
+    assert row["strategy"] == "clair (clair-downlink=merged-delta)" and row["base-strategy"] == "clair"
+    assert is_flagging(row)
+    assert calibration.other_axes(row) == "dirichlet-alpha=10"  # the variant is not part of it
+    rows = _config(damage=0.1, plateau=0.0)
+    rows += [{**r, "strategy": "clair (clair-downlink=merged-delta)", "base-strategy": "clair",
+              "final-benign-token-acc": float(r["final-benign-token-acc"]) + 0.02}  # type: ignore[arg-type]
+             for r in rows if r["strategy"] == "clair"]
+    md = experiments.results_markdown(rows, experiments.Grid("t", [], 0.3, 4, []))
+    paired = md.split("### Paired differences")[1].split("###")[0]
+    assert "| reversed | clair (clair-downlink=merged-delta) | +0.080" in paired
