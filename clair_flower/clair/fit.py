@@ -21,6 +21,7 @@ from clair_flower.clair.decomposition import BlockProblem, ClientFactors, Pair, 
 from clair_flower.clair.inputs import ClairInputError
 from clair_flower.clair.path import PathChoice, solve_path, solve_paths
 from clair_flower.clair.solvers import SolveResult
+from clair_flower.clair.solvers.batched import BATCH_MAX_BYTES
 from clair_flower.clair.solvers.fast import DENSE_SVD_MAX
 from clair_flower.clair.threads import map_all
 
@@ -32,9 +33,6 @@ LOCKSTEP = True
 the same solves batched into one ADMM per layout (issue #21), instead of one module per thread;
 ``False`` keeps the threaded path. Both give the same iterates, flags and adapters (tested)."""
 
-LOCKSTEP_MAX_ENTRIES = 1 << 22
-"""Lockstep builds every module's reduced stack before solving; it is used only when each is at
-most this many entries (16 MB in float32) and small enough for the exact Gram SVT."""
 
 
 @dataclass
@@ -153,14 +151,17 @@ def _as_first(choice: PathChoice, first_path: PathChoice | None) -> PathChoice:
 
 def _lockstep(fac: Factors, modules: list[str], active: list, pairs: Sequence[Pair], cfg: ClairConfig) -> bool:
     """:data:`LOCKSTEP` applies: fast constrained solver, and every module's reduced stack (its
-    size bounded from the ranks: ``sum r_k`` rows, ``r_k + r_l`` columns per pair) small."""
+    size bounded from the ranks: ``sum r_k`` rows, ``r_k + r_l`` columns per pair) small enough
+    to be batched (:func:`~clair_flower.clair.solvers.batched.batchable`); larger rounds keep
+    the threads, which overlap arithmetic that then outweighs the calls."""
     if not LOCKSTEP or cfg.solver != "fast" or cfg.form != "constrained" or len(modules) < 2:
         return False
     for m in modules:
         ranks = [fac[m][c].rank for c in active]
         rows = min(fac[m][active[0]].out_features, sum(ranks))
         cols = sum(ranks[k] + ranks[l] for k, l in pairs)
-        if rows > DENSE_SVD_MAX or rows * cols > LOCKSTEP_MAX_ENTRIES:
+        itemsize = 4 if all(fac[m][c].A.dtype == np.float32 for c in active) else 8
+        if rows > DENSE_SVD_MAX or rows * cols * itemsize > BATCH_MAX_BYTES:
             return False
     return True
 

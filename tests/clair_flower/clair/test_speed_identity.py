@@ -117,7 +117,11 @@ def test_lockstep_modules_match_the_threaded_path_bitwise(monkeypatch, structure
     monkeypatch.setattr(fit, "LOCKSTEP", False)
     threaded = run_clair(updates, cfg)
     monkeypatch.setattr(fit, "LOCKSTEP", True)
+    used = []
+    real = fit._decompose_lockstep
+    monkeypatch.setattr(fit, "_decompose_lockstep", lambda *a: used.append(1) or real(*a))
     lockstep = run_clair(updates, cfg)
+    assert used  # the round was small enough for the lockstep
     assert _bitwise(threaded, lockstep)
     for m, r in threaded.modules.items():  # every module's path, point by point
         other = lockstep.modules[m].diagnostics
