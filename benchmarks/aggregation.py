@@ -22,6 +22,13 @@ the slow case, since every module then runs its own lambda path. ``llm`` is the 
 sampled pairs of degree 4). Peak RSS per method is the process's high-water mark reset before
 the method (``/proc/self/clear_refs``), so it includes the Messages held (the uploads' bytes).
 
+``clair_threaded`` (unless ``--no-slow``) is CLAIR's step on the threaded path it had before the
+lockstep solves (``fit.LOCKSTEP = False``), timed beside it with its flags compared;
+``--flowertune`` adds 30 clients x 16 modules at rank 4 and 10 clients x 4 modules at rank 32
+(the latter runs for minutes per repetition: its lambda path's late points need hundreds of
+iterations each, README). Every method's CPU seconds (``time.process_time``) are kept beside
+its wall seconds: on this shared machine they are the steadier figure.
+
 Prints min / median / max over the repetitions per method and size and, as the LAST line, one
 JSON object: ``small.clair_over_fedavg`` (median over median), ``small.clair_share_of_round``
 (CLAIR's median over the demo's round wall time, ``--round-seconds``: 9 s, the default demo's
@@ -276,7 +283,7 @@ def main() -> None:
     ap.add_argument("--no-slow", action="store_true",
                     help="skip CLAIR's threaded path (fit.LOCKSTEP = False), timed beside the default by default")
     ap.add_argument("--flowertune", action="store_true",
-                    help="also the FlowerTune-style sizes (30 clients x 16 modules rank 4, 10 x 4 rank 32)")
+                    help="also the FlowerTune-style sizes (30 clients x 16 modules rank 4, 10 x 4 rank 32: minutes)")
     ap.add_argument("--scaling", action="store_true",
                     help="only run_clair's time against N (10, 30, 100, 300) and the module count")
     args = ap.parse_args()
