@@ -158,7 +158,16 @@ class ClairAggregator:
             "solver-seconds": float(diag.get("seconds", seconds)),
             "clair-seconds": float(seconds),
             "max-truncation-error": float(max(trunc, default=0.0)),
+            "truncation-error-by-module": truncation_by_module(result, nids),
         }
+
+
+def truncation_by_module(result: ClairResult, nids: list[int]) -> dict[str, float]:
+    """Per module, the mean over the trusted clients of the share of the refined update's norm
+    that the refit at the client's rank loses (what the ``merged-delta`` downlink sends)."""
+    trusted = [n for n in nids if not result.clients[n].flagged] or nids
+    return {m: float(np.mean([result.clients[n].truncation_error.get(m, 0.0) for n in trusted]))
+            for m in result.modules}
 
 
 class UsesClairAggregator:
