@@ -3,7 +3,8 @@
 Each module's outcome is a :class:`ModuleFit`. The first module runs the lambda path; with
 ``share_c`` every other module is solved at the ``c`` it chose and keeps it where it is
 admissible there (``selection = "shared"``), so a many-module round solves one path, not one per
-module. Modules run on a thread each (:mod:`clair_flower.clair.threads`).
+module. Modules run on a thread each (:mod:`clair_flower.clair.threads`), or, in small rounds,
+in lockstep: their solves batched into one ADMM per layout (:data:`LOCKSTEP`), same results.
 """
 
 from __future__ import annotations

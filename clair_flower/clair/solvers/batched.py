@@ -13,7 +13,8 @@ a problem stops at the iteration it would have stopped at alone; it only leaves 
 
 Only what the single solver handles with its exact Gram SVT is batched: the constrained form,
 wide stacks (rows <= columns) with at most :data:`~clair_flower.clair.solvers.fast.DENSE_SVD_MAX`
-rows. Everything else goes through :func:`~clair_flower.clair.solvers.solve` one at a time.
+rows and :data:`BATCH_MAX_BYTES` bytes. Everything else goes through
+:func:`~clair_flower.clair.solvers.solve` one at a time.
 """
 
 from __future__ import annotations
@@ -166,9 +167,9 @@ def _sweep(b: _Batch, svts: list[tuple], lam: np.ndarray, chunks: list, bufs: tu
         ac, sc = old_a[:, c0:c1], old_s[:, c0:c1]
         tc, u = bufs[0][:B, : c1 - c0], bufs[1][:B, : c1 - c0]
         torch.addcmul(Xc, Tc, ac, out=tc)  # X + Ys
-        for i in range(B):
-            if lefts[i].shape[0]:
-                tc[i].addmm_(rights[i][c0:c1], lefts[i], alpha=-1.0)
+        for i, (left, right) in enumerate(zip(lefts, rights)):
+            if left.shape[0]:
+                tc[i].addmm_(right[c0:c1], left, alpha=-1.0)
         col = torch.linalg.vector_norm(tc, dim=2).numpy().astype(np.float64)
         nrm = np.sqrt(np.add.reduceat(col * col, starts, axis=1))
         f = np.maximum(1.0 - thr / np.maximum(nrm, 1e-300), 0.0)
@@ -176,12 +177,11 @@ def _sweep(b: _Batch, svts: list[tuple], lam: np.ndarray, chunks: list, bufs: tu
         rep = np.repeat(np.arange(b1 - b0), b.widths[b0:b1])
         new = [torch.from_numpy(np.ascontiguousarray(x[:, rep].astype(b.dtype))[:, :, None])
                for x in (f, 1.0 - f, 1.0 - 2.0 * f)]
+        flat = [u[i].view(-1) for i in range(B)]  # each problem's block of u is contiguous
         torch.mul(tc, new[1], out=u).addcmul_(Tc, ac, value=-1.0)  # Ys+ - Ys
-        for i in range(B):
-            p2[i] += float(torch.dot(u[i].reshape(-1), u[i].reshape(-1)))
+        p2 += [float(torch.dot(x, x)) for x in flat]
         torch.mul(tc, new[0], out=u).addcmul_(Tc, sc, value=-1.0)  # S+ - S
-        for i in range(B):
-            d2[i] += float(torch.dot(u[i].reshape(-1), u[i].reshape(-1)))
+        d2 += [float(torch.dot(x, x)) for x in flat]
         Tc.copy_(tc)
         torch.addcmul(Xc, tc, new[2], out=Wc)
         b.a[:, b0:b1], b.s[:, b0:b1] = 1.0 - f, f
@@ -255,10 +255,4 @@ def solve_batch(problems: Sequence[BlockProblem], requests: Sequence[Request], m
                 b.keep(live)
                 ids = ids[live]
     return out  # type: ignore[return-value]
-
-
-def lockstep_ready(problems: Sequence[BlockProblem], form: str, solver: str) -> bool:
-    """Whether at least two of ``problems`` could share a batch (else lockstep buys nothing)."""
-    keys = [_group_key(p) for p in problems if batchable(p, form, solver)]
-    return len(keys) > len(set(keys))
 
