@@ -20,59 +20,23 @@ import argparse
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-LEVEL = 0.95
+from clair_flower.server_apps.experiments.stats import Interval, mean_ci, paired_ci, welch_ci
+
 NAMES = {"fedavg": "FedAvg-LoRA", "ffa-lora": "FFA-LoRA", "rolora": "RoLoRA"}
 Key = tuple[str, int, int]  # (strategy, num-nodes, num-server-rounds)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A mean over ``n`` seeds, its 95% t-interval and the seeds' standard deviation."""
-
-    mean: float
-    lo: float
-    hi: float
-    sd: float
-    n: int
-
-    def text(self) -> str:
-        return f"{self.mean:.3f} ± {(self.hi - self.lo) / 2:.3f}" if self.n > 1 else f"{self.mean:.3f}"
-
-
-def estimate(values: Iterable[float]) -> Estimate | None:
-    """Mean, Student-t interval and SD of the values (None when there are none)."""
-    x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
-    if x.size == 0:
-        return None
-    if x.size == 1:
-        return Estimate(float(x[0]), math.nan, math.nan, math.nan, 1)
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, x.size - 1)) * sd / math.sqrt(x.size)
-    return Estimate(float(x.mean()), float(x.mean()) - half, float(x.mean()) + half, sd, int(x.size))
-
-
-def welch(a: Estimate, b: Estimate) -> Estimate:
-    """``a - b`` for independent samples: Welch's interval (Welch-Satterthwaite df)."""
-    va, vb = a.sd ** 2 / a.n, b.sd ** 2 / b.n
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else 1.0
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, df)) * se
-    d = a.mean - b.mean
-    return Estimate(d, d - half, d + half, math.nan, min(a.n, b.n))
-
-
-def verdict(diff: Estimate, spread: float) -> str:
+def verdict(diff: Interval, spread: float) -> str:
     """"RoLoRA better/worse" only when the interval excludes 0 and the mean exceeds the seed
     spread; a paired interval that excludes 0 with a mean inside the spread is still "no
     difference", and says so (consistent per seed, but smaller than seed-to-seed variation)."""
-    if diff.n < 2 or diff.lo <= 0 <= diff.hi:
+    if not diff.excludes_zero():
         return "no difference"
     sign = "better" if diff.mean > 0 else "worse"
     if abs(diff.mean) < spread:
@@ -122,11 +86,6 @@ def bytes_per_client(rows: Sequence[Mapping[str, object]]) -> dict[Key, float]:
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Estimate | None:
-    """``a - b`` over the seeds both ran."""
-    return estimate(a[s] - b[s] for s in sorted(set(a) & set(b)))
-
-
 # -- the tables ------------------------------------------------------------------------------
 
 def comparison(table: Mapping[Key, Mapping[int, float]], nodes: int, rolora_rounds: int,
@@ -137,29 +96,29 @@ def comparison(table: Mapping[Key, Mapping[int, float]], nodes: int, rolora_roun
     ff = table.get(("ffa-lora", nodes, rolora_rounds))
     if not ro:
         return None
-    res: dict[str, object] = {"nodes": nodes, "rolora": estimate(ro.values()),
-                              "fedavg": estimate(fa.values()) if fa else None,
-                              "ffa-lora": estimate(ff.values()) if ff else None}
+    res: dict[str, object] = {"nodes": nodes, "rolora": mean_ci(ro.values()),
+                              "fedavg": mean_ci(fa.values()) if fa else None,
+                              "ffa-lora": mean_ci(ff.values()) if ff else None}
     for name, other in (("fedavg", fa), ("ffa-lora", ff)):
-        diff = paired(ro, other) if other else None
+        diff = paired_ci(ro, other) if other else None
         res[f"rolora-minus-{name}"] = diff
         if diff is not None:
-            spread = max(res["rolora"].sd, res[name].sd)  # type: ignore[union-attr]
+            spread = max(res["rolora"].sd or 0.0, res[name].sd or 0.0)  # type: ignore[union-attr]
             res[f"verdict-vs-{name}"] = verdict(diff, spread)
     return res
 
 
-def trend(rows: Sequence[Mapping[str, object]], key: str) -> Estimate | None:
+def trend(rows: Sequence[Mapping[str, object]], key: str) -> Interval | None:
     """The difference ``key`` at the largest client count minus at the smallest (Welch)."""
     have = [r for r in rows if r.get(key) is not None]
     if len(have) < 2:
         return None
     lo, hi = have[0][key], have[-1][key]
-    return welch(hi, lo) if lo.n > 1 and hi.n > 1 else None  # type: ignore[arg-type, union-attr]
+    return welch_ci(hi, lo) if lo.n > 1 and hi.n > 1 else None  # type: ignore[arg-type, union-attr]
 
 
 def fmt(e: object) -> str:
-    return e.text() if isinstance(e, Estimate) else "-"
+    return e.text() if isinstance(e, Interval) else "-"
 
 
 def markdown(title: str, rows: Sequence[Mapping[str, object]], fedavg_label: str) -> list[str]:
@@ -175,8 +134,9 @@ def markdown(title: str, rows: Sequence[Mapping[str, object]], fedavg_label: str
 
 
 def jsonable(obj: object) -> object:
-    if isinstance(obj, Estimate):
-        return {k: (None if isinstance(v, float) and math.isnan(v) else round(v, 5)) for k, v in asdict(obj).items()}
+    if isinstance(obj, Interval):
+        return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 5))
+                for k, v in asdict(obj).items()}
     if isinstance(obj, dict):
         return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list):

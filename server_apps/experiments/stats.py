@@ -28,6 +28,8 @@ class Interval:
     lo: float | None
     hi: float | None
     n: int
+    sd: float | None = None
+    """The seeds' standard deviation (None for one seed, and for a Welch difference)."""
 
     @property
     def half_width(self) -> float | None:
@@ -52,8 +54,22 @@ def mean_ci(values: Iterable[float | None], level: float = LEVEL) -> Interval | 
     mean = float(x.mean())
     if x.size < 2:
         return Interval(mean, None, None, 1)
-    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return Interval(mean, mean - half, mean + half, int(x.size))
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * sd / math.sqrt(x.size))
+    return Interval(mean, mean - half, mean + half, int(x.size), sd)
+
+
+def welch_ci(a: Interval, b: Interval, level: float = LEVEL) -> Interval | None:
+    """``a - b`` for independent samples (different federations cannot be paired): Welch's
+    interval with the Welch-Satterthwaite degrees of freedom; None without two seeds each."""
+    if a.sd is None or b.sd is None or a.n < 2 or b.n < 2:
+        return None
+    va, vb = a.sd**2 / a.n, b.sd**2 / b.n
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1)) if se > 0 else 1.0
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    d = a.mean - b.mean
+    return Interval(d, d - half, d + half, min(a.n, b.n))
 
 
 def paired_ci(a: Mapping[int, float | None], b: Mapping[int, float | None],
