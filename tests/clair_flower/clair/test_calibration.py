@@ -68,3 +68,20 @@ def test_bad_calibration_settings_are_named():
         ClairConfig(noise_factor=-1.0).validate()
     with pytest.raises(ValueError, match="max_noise"):
         ClairConfig(max_noise=0.0).validate()
+
+
+def test_client_medians_equal_a_median_per_client_bitwise() -> None:
+    from clair_flower.clair.calibration import client_medians
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(3, 30))
+        P = rng.integers(0, n, size=(int(rng.integers(1, 80)), 2))
+        P = P[P[:, 0] != P[:, 1]]
+        v = rng.random(len(P))
+        if trial % 3 == 0:
+            v = np.round(v, 1)  # ties
+        got = client_medians(P, v, n)
+        for k in range(n):
+            mine = (P[:, 0] == k) | (P[:, 1] == k)
+            assert got[k] == (float(np.median(v[mine])) if mine.any() else np.inf)
