@@ -80,8 +80,9 @@ class ClairStrategy(UsesClairAggregator, PersonalizedLoraStrategy):
         vote decided nothing): the trusted clients' mean, their own update, or the subspace
         refinement anyway.
     in_subspace_stage : bool
-        Add the robust median/MAD test on in-subspace coefficients (CLAIR+), which also
-        catches sign flip, scaling and IPM.
+        Add CLAIR+'s second stage: a robust median/MAD test on the in-subspace coefficients
+        (scaling) and a direction test, a negative outlying median cosine to the other clients
+        (sign flip, IPM; docs/DESIGN.md, "Adaptive attackers").
     downlink : {"own-rank", "merged-delta"}
         ``"own-rank"``: each client gets its refined update re-factored at its own rank (what a
         plain PEFT client loads; the round's ``max-truncation-error`` says how much is lost).
