@@ -165,10 +165,11 @@ def _benign_reference(cfg: RunConfig, received: Mapping[str, np.ndarray], contex
 
 
 def trained_adapter(cfg: RunConfig, received: Mapping[str, np.ndarray], data: ClientData, *, partition: int,
-                    num_partitions: int, server_round: int, trainable: str, contaminated: bool
-                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                    num_partitions: int, server_round: int, trainable: str, contaminated: bool,
+                    model=None) -> tuple[dict[str, np.ndarray], dict[str, float]]:  # noqa: ANN001
     """Local training from ``received``: (adapter state, stats), through the grid's training
-    cache when ``train-cache-dir`` is set (:mod:`.training_cache`)."""
+    cache when ``train-cache-dir`` is set (:mod:`.training_cache`). ``model``: the received
+    adapter already loaded (built here on a cache miss when not given)."""
     key = None
     if cfg.train_cache_dir:
         key = training_cache.training_key(cfg, received, partition=partition, num_partitions=num_partitions,
@@ -176,7 +177,7 @@ def trained_adapter(cfg: RunConfig, received: Mapping[str, np.ndarray], data: Cl
         hit = training_cache.load(cfg.train_cache_dir, key)
         if hit is not None:
             return hit
-    model = model_with_adapter(cfg, received)
+    model = model if model is not None else model_with_adapter(cfg, received)
     stats = train_local(model, data, train_config(cfg), seed=_train_seed(cfg, partition, server_round),
                         trainable=trainable)
     state = get_adapter_arrays(model)
@@ -199,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     try:
         received = _received_arrays(msg)
-        model_with_adapter(cfg, received)  # a mismatched adapter is refused before any training
+        model = model_with_adapter(cfg, received)  # a mismatched adapter is refused before any training
         trainable, upload = _factor_choice(msg, TRAIN_FACTORS), _factor_choice(msg, UPLOAD_FACTORS)
     except (AdapterMismatchError, ValueError) as err:
         return _error_reply(msg, err)
@@ -209,7 +210,7 @@ def train(msg: Message, context: Context) -> Message:
     data = _client_data(cfg, context, server_round, contaminated)
     t0 = time.perf_counter()
     state, stats = trained_adapter(cfg, received, data, partition=pid, num_partitions=n, server_round=server_round,
-                                   trainable=trainable, contaminated=contaminated)
+                                   trainable=trainable, contaminated=contaminated, model=model)
     train_seconds = time.perf_counter() - t0
     acfg = attack_config(cfg)
     if contaminated and acfg.name in attacks.MODEL_ATTACKS and attacks.is_active(acfg, server_round):
